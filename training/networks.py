@@ -320,23 +320,23 @@ class SongUNet(torch.nn.Module):
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
-        init = dict(init_mode='xavier_uniform')
-        init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
-        init_attn = dict(init_mode='xavier_uniform', init_weight=np.sqrt(0.2))
+        xavier = dict(init_mode='xavier_uniform')
+        xavier_tiny = dict(xavier, init_weight=1e-5)           # output convs start near zero
+        xavier_qkv = dict(xavier, init_weight=np.sqrt(0.2))     # attention projections
         block = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5), eps=1e-6,
-                     resample_filter=resample_filter, resample_proj=True, adaptive_scale=False, init=init,
-                     init_zero=init_zero, init_attn=init_attn)
+                     resample_filter=resample_filter, resample_proj=True, adaptive_scale=False, init=xavier,
+                     init_zero=xavier_tiny, init_attn=xavier_qkv)
 
         # Mapping network.
         if embedding_type == 'positional':
             self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
         else:
             self.map_noise = FourierEmbedding(num_channels=noise_channels)
-        self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **init) if label_dim else None
-        self.map_augment = (Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **init)
+        self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **xavier) if label_dim else None
+        self.map_augment = (Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **xavier)
                             if augment_dim else None)
-        self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **init)
-        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **xavier)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **xavier)
 
         # Encoder: level 0 starts with a conv; lower levels start with a down block (plus aux paths).
         self.enc = torch.nn.ModuleDict()
@@ -346,18 +346,18 @@ class SongUNet(torch.nn.Module):
             res = img_resolution >> level
             tag = f'{res}x{res}'
             if level == 0:
-                self.enc[f'{tag}_conv'] = Conv2d(in_channels=ch, out_channels=model_channels, kernel=3, **init)
+                self.enc[f'{tag}_conv'] = Conv2d(in_channels=ch, out_channels=model_channels, kernel=3, **xavier)
                 ch = model_channels
             else:
                 self.enc[f'{tag}_down'] = UNetBlock(in_channels=ch, out_channels=ch, down=True, **block)
                 if encoder_type == 'skip':
                     self.enc[f'{tag}_aux_down'] = Conv2d(in_channels=aux_ch, out_channels=aux_ch, kernel=0,
                                                          down=True, resample_filter=resample_filter)
-                    self.enc[f'{tag}_aux_skip'] = Conv2d(in_channels=aux_ch, out_channels=ch, kernel=1, **init)
+                    self.enc[f'{tag}_aux_skip'] = Conv2d(in_channels=aux_ch, out_channels=ch, kernel=1, **xavier)
                 if encoder_type == 'residual':
                     self.enc[f'{tag}_aux_residual'] = Conv2d(in_channels=aux_ch, out_channels=ch, kernel=3,
                                                              down=True, resample_filter=resample_filter,
-                                                             fused_resample=True, **init)
+                                                             fused_resample=True, **xavier)
                     aux_ch = ch
             for i in range(num_blocks):
                 self.enc[f'{tag}_block{i}'] = UNetBlock(in_channels=ch, out_channels=model_channels * mult,
@@ -387,7 +387,7 @@ class SongUNet(torch.nn.Module):
                     self.dec[f'{tag}_aux_up'] = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=0,
                                                        up=True, resample_filter=resample_filter)
                 self.dec[f'{tag}_aux_norm'] = GroupNorm(num_channels=ch, eps=1e-6)
-                self.dec[f'{tag}_aux_conv'] = Conv2d(in_channels=ch, out_channels=out_channels, kernel=3, **init_zero)
+                self.dec[f'{tag}_aux_conv'] = Conv2d(in_channels=ch, out_channels=out_channels, kernel=3, **xavier_tiny)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor = None,
                 augment_labels: torch.Tensor = None) -> torch.Tensor:
