@@ -1,0 +1,198 @@
+"""Registers ``--precond=aniso`` with train.py and the anisotropic samplers with generate.py (docs/architecture.md).
+
+``configure(c, opts)`` turns the plugin's options into the training config: AnisoPrecond network kwargs, the stage-1 or
+stage-2 loss, the two optimizers (Adam on phi; Adam or RowMaskedAdam on theta), the LR ramp/decay and the EMA ramp.
+
+Defaults (fine-tuning from an EDM checkpoint with --transfer, method.md §5):
+  phi LR 1e-5 unless --lr is given; theta LR 1e-2 (stage 1) / 1e-4 (stage 2); LR ramp over the first 10% of the
+  run, constant to mid-run, then halving every 12.5% of the run (150 kimg in a 1,200 kimg run); no EMA ramp with
+  --transfer (EDM's 0.05 otherwise); no augment pipe unless --augment is given (flips via --xflip).
+``--preset=reference`` reproduces the reference instead: 1,200 kimg (unless --duration), batch 256 (unless --batch),
+LR ramp 10,000 kimg (it never completes: see method.md "Learning-rate ramp pitfall"), halving every 150 kimg from
+mid-run, no EMA ramp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import click
+
+import dnnlib
+from training import registry
+
+STAGE_SCHEDULE_LR = {1: 1e-2, 2: 1e-4}   # theta learning rates of the reference (method.md §5)
+FINETUNE_LR = 1e-5                       # phi learning rate of the reference, both stages
+
+OPTIONS = [
+    click.Option(['--stage'], help='Training stage: 1 = learned isotropic g, 2 = anisotropic g, h  [default: 1]',
+                 metavar='1|2', type=click.IntRange(1, 2)),
+    click.Option(['--subspace'], help='Subspace P  [default: iso in stage 1, dct in stage 2]',
+                 type=click.Choice(['iso', 'dct', 'pca'])),
+    click.Option(['--per-class'], help='One schedule row per class (or --class-groups group)  [default: False]',
+                 metavar='BOOL', type=bool),
+    click.Option(['--class-groups'], help='class -> group map for the schedule bank: a JSON list or a .json file',
+                 metavar='JSON', type=str),
+    click.Option(['--knots'], help='Knots per schedule  [default: 32]', metavar='INT', type=click.IntRange(min=2)),
+    click.Option(['--dct-cutoff'], help='DCT low block size m  [default: resolution/2]', metavar='INT',
+                 type=click.IntRange(min=1)),
+    click.Option(['--pca-rank'], help='PCA rank k  [default: resolution^2/4]', metavar='INT',
+                 type=click.IntRange(min=1)),
+    click.Option(['--pca-bases'], help='Bases file from python -m edm_aniso.pca  [default: computed from --data]',
+                 metavar='PATH', type=str),
+    click.Option(['--kappa'], help='kappa of the weighting W  [default: 1]', metavar='FLOAT',
+                 type=click.FloatRange(min=0, min_open=True)),
+    click.Option(['--schedule-lr'], help='Schedule (theta) learning rate  [default: 1e-2 stage 1, 1e-4 stage 2]',
+                 metavar='FLOAT', type=click.FloatRange(min=0, min_open=True)),
+    click.Option(['--probes'], help='Hutchinson probes per sample (stage 2)  [default: 1]', metavar='INT',
+                 type=click.IntRange(min=1)),
+    click.Option(['--estimator-every'], help='Run the theta estimator every N-th step (stage 2)  [default: 1]',
+                 metavar='INT', type=click.IntRange(min=1)),
+    click.Option(['--lr-rampup'], help='LR ramp length  [default: 10% of the run]', metavar='KIMG',
+                 type=click.FloatRange(min=0)),
+    click.Option(['--lr-decay-start'], help='Start of LR halving  [default: mid-run]', metavar='KIMG',
+                 type=click.FloatRange(min=0)),
+    click.Option(['--lr-halflife'], help='LR half-life after the start, 0 = no decay  [default: 12.5% of the run]',
+                 metavar='KIMG', type=click.FloatRange(min=0)),
+    click.Option(['--ema-rampup'], help='EMA ramp ratio, 0 = off  [default: off with --transfer, else 0.05]',
+                 metavar='FLOAT', type=click.FloatRange(min=0)),
+    click.Option(['--preset'], help='Hyper-parameter preset (reference: the method\'s published settings)',
+                 type=click.Choice(['reference'])),
+]
+
+
+def _given(opts: Any, name: str) -> bool:
+    """Whether a base option was set on the command line (not its default); False outside a click command."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or name not in ctx.params:
+        return False
+    source = ctx.get_parameter_source(name)
+    return source is not None and source != click.core.ParameterSource.DEFAULT
+
+
+def parse_class_groups(text: Optional[str]) -> Optional[list[int]]:
+    """--class-groups: a JSON list of ints (class -> group), inline or in a file."""
+    if text is None:
+        return None
+    try:
+        if os.path.isfile(text):
+            with open(text, 'r', encoding='utf-8') as f:
+                data = json.load(f)
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(f'--class-groups: not a JSON list or a readable JSON file ({err})')
+    if isinstance(data, dict) and 'groups' in data:
+        data = data['groups']
+    if not isinstance(data, list) or not all(isinstance(v, int) and v >= 0 for v in data):
+        raise click.ClickException('--class-groups: expected a JSON list of non-negative integers (class -> group)')
+    return data
+
+
+def _pca_bases_path(c: Any, opts: Any, rank: Optional[int]) -> str:
+    """Compute global PCA bases from --data (edm_aniso.pca) once and save them next to the run (in --outdir)."""
+    from edm_aniso import pca   # imported lazily: only the pca subspace without --pca-bases needs it
+    import torch
+    dataset = dnnlib.util.construct_class_by_name(**{**c.dataset_kwargs, 'xflip': False, 'use_labels': False})
+    res = dataset.resolution
+    rank = rank if rank is not None else max(res * res // 4, 1)
+    path = os.path.join(opts.outdir, f'pca-bases-{dataset.name}-k{rank}.pt')
+    if opts.get('dry_run') or os.path.isfile(path):
+        return path
+    bases = pca.compute_pca_bases(dataset, rank, xflip=True, progress=False)
+    os.makedirs(opts.outdir, exist_ok=True)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    torch.save(dict(bases=bases, groups=None, rank=rank, resolution=res), tmp)
+    os.replace(tmp, path)   # every rank computes the same bases; the rename makes concurrent writes harmless
+    return path
+
+
+def configure(c: Any, opts: Any) -> None:
+    """Fill the training config for --precond=aniso (see the module docstring for the defaults)."""
+    stage = opts.get('stage') or 1
+    subspace = opts.get('subspace') or ('iso' if stage == 1 else 'dct')
+    if stage == 1 and subspace != 'iso':
+        raise click.ClickException('--subspace applies only to --stage=2 (stage 1 is isotropic)')
+    for name, flag in [('probes', '--probes'), ('estimator_every', '--estimator-every')]:
+        if stage == 1 and opts.get(name) is not None:
+            raise click.ClickException(f'{flag} applies only to --stage=2')
+    if subspace != 'dct' and opts.get('dct_cutoff') is not None:
+        raise click.ClickException('--dct-cutoff applies only to --subspace=dct')
+    if subspace != 'pca' and (opts.get('pca_rank') is not None or opts.get('pca_bases') is not None):
+        raise click.ClickException('--pca-rank/--pca-bases apply only to --subspace=pca')
+    per_class = bool(opts.get('per_class'))
+    if per_class and not opts.get('cond'):
+        raise click.ClickException('--per-class needs a class-conditional run (--cond=1)')
+    groups = parse_class_groups(opts.get('class_groups'))
+    if groups is not None and not per_class:
+        raise click.ClickException('--class-groups needs --per-class=1')
+    if opts.get('pca_bases') is not None and not os.path.isfile(opts.pca_bases):
+        raise click.ClickException(f'--pca-bases: no such file: {opts.pca_bases}')
+    reference = opts.get('preset') == 'reference'
+
+    # Run length first: the relative ramp/decay defaults depend on it.
+    if reference and not _given(opts, 'duration'):
+        c.total_kimg = 1200
+    if reference and not _given(opts, 'batch'):
+        c.batch_size = 256
+    total_kimg = float(c.get('total_kimg') or max(int(float(opts.get('duration', 200)) * 1000), 1))
+
+    # Network.
+    net = c.network_kwargs
+    net.class_name = 'edm_aniso.precond.AnisoPrecond'
+    net.update(stage=stage, subspace=subspace, per_class=per_class, num_knots=opts.get('knots') or 32)
+    if groups is not None:
+        net.class_groups = groups
+    if opts.get('dct_cutoff') is not None:
+        net.dct_cutoff = opts.dct_cutoff
+    if subspace == 'pca':
+        net.pca_rank = opts.get('pca_rank')
+        net.pca_bases = opts.get('pca_bases') or _pca_bases_path(c, opts, opts.get('pca_rank'))
+    if not _given(opts, 'augment'):            # method.md §5: no augment pipe (flips only via --xflip)
+        c.pop('augment_kwargs', None)
+        net.pop('augment_dim', None)
+
+    # Loss.
+    kappa = opts.get('kappa') or 1.0
+    if stage == 1:
+        c.loss_kwargs = dnnlib.EasyDict(class_name='edm_aniso.loss.AnisoStage1Loss', kappa=kappa)
+    else:
+        c.loss_kwargs = dnnlib.EasyDict(class_name='edm_aniso.loss.AnisoStage2Loss', kappa=kappa,
+                                        probes=opts.get('probes') or 1,
+                                        estimator_every=opts.get('estimator_every') or 1)
+
+    # Optimizers: phi keeps the base Adam (fine-tuning LR unless --lr), theta gets its own.
+    if reference or not _given(opts, 'lr'):
+        c.optimizer_kwargs.lr = FINETUNE_LR
+    schedule_lr = opts.get('schedule_lr') or STAGE_SCHEDULE_LR[stage]
+    c.schedule_optimizer_kwargs = dnnlib.EasyDict(
+        class_name='edm_aniso.optim.RowMaskedAdam' if per_class else 'torch.optim.Adam',
+        lr=schedule_lr, betas=[0.9, 0.999], eps=1e-8)
+
+    # LR ramp/decay and EMA ramp.
+    if reference:
+        ramp, start, halflife = 10000.0, total_kimg / 2, 150.0
+    else:
+        ramp, start, halflife = total_kimg / 10, total_kimg / 2, total_kimg / 8
+    c.lr_rampup_kimg = opts.get('lr_rampup') if opts.get('lr_rampup') is not None else ramp
+    c.lr_decay_start_kimg = opts.get('lr_decay_start') if opts.get('lr_decay_start') is not None else start
+    halflife = opts.get('lr_halflife') if opts.get('lr_halflife') is not None else halflife
+    c.lr_halflife_kimg = halflife if halflife > 0 else None
+    if opts.get('ema_rampup') is not None:
+        c.ema_rampup_ratio = opts.ema_rampup if opts.ema_rampup > 0 else None
+    elif reference or opts.get('transfer') is not None:
+        c.ema_rampup_ratio = None
+    else:
+        c.ema_rampup_ratio = 0.05
+
+
+registry.register_precond(registry.PrecondEntry(
+    name='aniso', configure=configure, options=OPTIONS,
+    help='learned anisotropic noise schedules (edm_aniso, method.md)'))
+
+# Samplers: engineer C's module lists its entries; register each.
+from edm_aniso import sampler as _sampler   # noqa: E402
+for _entry in getattr(_sampler, 'SAMPLER_ENTRIES', []):
+    registry.register_sampler(_entry)
