@@ -166,6 +166,16 @@ def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.Ea
                 with open(options_file) as f:
                     c.seed = json.load(f).get('seed', c.seed)
 
+    # Our additions (EDM fixes these): LR ramp and decay, EMA ramp. Absent = EDM's values (or the recipe's).
+    if opts.get('lr_rampup') is not None:
+        c.lr_rampup_kimg = opts.lr_rampup
+    if opts.get('lr_decay_start') is not None:
+        c.lr_decay_start_kimg = opts.lr_decay_start
+    if opts.get('lr_halflife') is not None:
+        c.lr_halflife_kimg = opts.lr_halflife if opts.lr_halflife > 0 else None
+    if opts.get('ema_rampup') is not None:
+        c.ema_rampup_ratio = opts.ema_rampup if opts.ema_rampup > 0 else None
+
     entry.configure(c, opts)
     try:
         loop.batch_layout(c.batch_size, c.batch_gpu, dist.get_world_size())
@@ -236,6 +246,14 @@ class TrainCommand(click.Command):
 @click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', type=IntList())
 @click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=10e-4,
               show_default=True)
+@click.option('--lr-rampup', help='LR ramp-up length  [default: 10000, or the recipe\'s]', metavar='KIMG',
+              type=click.FloatRange(min=0))
+@click.option('--lr-decay-start', help='Start LR halving here  [default: never, or the recipe\'s]', metavar='KIMG',
+              type=click.FloatRange(min=0))
+@click.option('--lr-halflife', help='LR half-life after --lr-decay-start, 0 = no decay  [default: the recipe\'s]',
+              metavar='KIMG', type=click.FloatRange(min=0))
+@click.option('--ema-rampup', help='EMA half-life ramp ratio, 0 = off  [default: 0.05, off with --transfer]',
+              metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5,
               show_default=True)
 @click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1),

@@ -525,3 +525,17 @@ def test_resume_without_seed_keeps_the_runs_seed(tmp_path, data_zip):
     text = result.output.split('Training options:')[1]
     config = json.loads(text[:text.index('\n}\n') + 2])
     assert config['seed'] == 1234 and config['resume_state_dump'] == str(state)
+
+
+def test_lr_and_ema_ramp_options_reach_the_config(tmp_path, data_zip):
+    """Our additions to EDM's CLI: absent they leave EDM's JSON as it is; given, they set the loop's kwargs."""
+    def dry(*extra):
+        result = invoke([f'--outdir={tmp_path}', f'--data={data_zip}', '-n', '--device=cpu', *extra])
+        assert result.exit_code == 0, result.output
+        text = result.output.split('Training options:')[1]
+        return json.loads(text[:text.index('\n}\n') + 2])
+    plain = dry()
+    assert not {'lr_rampup_kimg', 'lr_decay_start_kimg', 'lr_halflife_kimg', 'ema_rampup_ratio'} & set(plain)
+    c = dry('--lr-rampup=0', '--lr-decay-start=5', '--lr-halflife=2.5', '--ema-rampup=0')
+    assert c['lr_rampup_kimg'] == 0 and c['lr_decay_start_kimg'] == 5 and c['lr_halflife_kimg'] == 2.5
+    assert c['ema_rampup_ratio'] is None
