@@ -1,0 +1,355 @@
+"""Exact oracle denoisers for data whose covariance is diagonal in the 2-D DCT basis (method.md §9.6).
+
+Used by the sampler tests and by ``bench/exact_gaussian.py``: with the oracle standing in for the network, the
+probability-flow ODE is linear per DCT coefficient (Gaussian case), so a sampler's output distribution can be pushed
+through exactly, and the Fréchet distance to the data is known in closed form.
+
+Coordinates: for an image X_c (one channel) the DCT coefficients are C X_c Cᵀ with C the orthonormal DCT-II matrix.
+The noise covariance M_t = g P + h P_perp is diagonal there too when P is a set of DCT frequencies (a mask).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from edm_aniso.subspace import dct_matrix
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DCT transforms and spectra.
+
+
+_DCT_CACHE: dict = {}
+
+
+def _dct(res: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The orthonormal DCT-II matrix, built once per (res, dtype, device)."""
+    key = (res, dtype, str(device))
+    if key not in _DCT_CACHE:
+        _DCT_CACHE[key] = dct_matrix(res, dtype=torch.float64).to(device=device, dtype=dtype)
+    return _DCT_CACHE[key]
+
+
+def to_dct(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel orthonormal 2-D DCT-II of [..., H, W] images (H == W)."""
+    c = _dct(x.shape[-1], x.dtype, x.device)
+    return c @ x @ c.T
+
+
+def from_dct(coef: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``to_dct``."""
+    c = _dct(coef.shape[-1], coef.dtype, coef.device)
+    return c.T @ coef @ c
+
+
+def power_law_variances(channels: int, resolution: int, exponent: float = 2.0, sigma_data: float = 0.5,
+                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Natural-image-like spectrum λ[c, u, v] ∝ (1 + u² + v²)^(-exponent/2), scaled so mean(λ) = sigma_data².
+
+    With exponent 2 the power falls as 1/f², the classic natural-image law; E‖x‖²/d = sigma_data² as in EDM.
+    """
+    if channels < 1 or resolution < 1 or sigma_data <= 0:
+        raise ValueError('power_law_variances needs channels >= 1, resolution >= 1 and sigma_data > 0')
+    f = torch.arange(resolution, dtype=dtype)
+    lam = (1 + f[:, None] ** 2 + f[None, :] ** 2) ** (-exponent / 2)
+    lam = lam * (sigma_data ** 2 / lam.mean())
+    return lam.expand(channels, resolution, resolution).clone()
+
+
+def low_block_mask(resolution: int, cutoff: Optional[int] = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Mask [H, W] of the DCT low block u, v < cutoff (method.md §3; cutoff defaults to resolution // 2)."""
+    m = resolution // 2 if cutoff is None else int(cutoff)
+    if not 0 <= m <= resolution:
+        raise ValueError(f'cutoff must be in [0, {resolution}], got {m}')
+    mask = torch.zeros(resolution, resolution, dtype=dtype)
+    mask[:m, :m] = 1
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A subspace given by per-basis DCT masks (the DCT low block, or any set of frequencies), with the Subspace API.
+
+
+class MaskedDCTSubspace(torch.nn.Module):
+    """P = projector onto the DCT frequencies selected by ``masks[basis_id]`` (per channel, no colour mixing).
+
+    Implements ``project``/``apply`` like ``edm_aniso.subspace.Subspace``; several masks give per-sample bases.
+    """
+
+    kind = 'dct'
+
+    def __init__(self, masks: torch.Tensor):
+        super().__init__()
+        masks = torch.as_tensor(masks, dtype=torch.float64)
+        if masks.ndim == 2:
+            masks = masks[None]
+        self.register_buffer('masks', masks)
+        self.num_bases = masks.shape[0]
+        self.rank = int(masks[0].sum().item())
+
+    def _mask(self, x: torch.Tensor, basis_id: Optional[torch.Tensor]) -> torch.Tensor:
+        masks = self.masks.to(device=x.device, dtype=x.dtype)
+        if basis_id is None:
+            return masks[0][None, None]
+        return masks[basis_id.to(x.device).long()][:, None]
+
+    def project(self, x: torch.Tensor, basis_id: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """P x (computed in float64 and returned in x.dtype)."""
+        xd = x.to(torch.float64)
+        return from_dct(to_dct(xd) * self._mask(xd, basis_id)).to(x.dtype)
+
+    def apply(self, x: torch.Tensor, a, b, basis_id: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """a·P x + b·(x − P x) with scalars or per-sample [B] tensors a, b."""
+        a, b = _per_sample(a, x), _per_sample(b, x)
+        px = self.project(x, basis_id)
+        return a * px + b * (x - px)
+
+
+def _per_sample(v, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast a scalar or a [B] tensor over x's C, H, W."""
+    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    return v.reshape(-1, *([1] * (x.ndim - 1))) if v.ndim == 1 else v
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data distributions with closed-form denoisers.
+
+
+class DCTGaussian:
+    """x ~ N(0, Σ) with Σ diagonal in the DCT basis: coefficient variances ``variances`` [C, H, W] (§9.6)."""
+
+    def __init__(self, variances: torch.Tensor):
+        self.variances = torch.as_tensor(variances, dtype=torch.float64)
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        z = torch.randn([n, *self.variances.shape], dtype=torch.float64, generator=generator)
+        return from_dct(z * self.variances.sqrt())
+
+    def denoise_dct(self, coef: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
+        """E[x0 | x_t] in DCT coordinates: λ/(λ + m) x for per-coefficient noise variances m."""
+        lam = self.variances.to(coef.device)
+        return lam / (lam + noise_var) * coef
+
+
+class DCTGaussianMixture:
+    """Equal-weight mixture of Gaussians N(μ_j, Σ), all diagonal in the DCT basis (the mixture variant of §9.6).
+
+    ``means`` [J, C, H, W] and ``variances`` [C, H, W] are given in DCT coordinates.
+    """
+
+    def __init__(self, means: torch.Tensor, variances: torch.Tensor):
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.variances = torch.as_tensor(variances, dtype=torch.float64)
+
+    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        j = torch.randint(self.means.shape[0], [n], generator=generator)
+        z = torch.randn([n, *self.variances.shape], dtype=torch.float64, generator=generator)
+        return from_dct(self.means[j] + z * self.variances.sqrt())
+
+    def denoise_dct(self, coef: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
+        """Σ_j w_j(x) (μ_j + λ/(λ + m)(x − μ_j)), with posterior weights w_j ∝ N(x; μ_j, Λ + M)."""
+        mu = self.means.to(coef.device)[None]                  # [1, J, C, H, W]
+        var = self.variances.to(coef.device) + noise_var       # [B, C, H, W] (or broadcastable)
+        var = var.expand_as(coef)[:, None]
+        diff = coef[:, None] - mu
+        logw = -0.5 * (diff ** 2 / var).flatten(2).sum(-1)     # shared covariance: log-determinants cancel
+        w = torch.softmax(logw, dim=1).reshape(*logw.shape, 1, 1, 1)
+        shrink = self.variances.to(coef.device) / var
+        return (w * (mu + shrink * diff)).sum(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The oracle "network": AnisoPrecond's sampling API with the exact denoiser inside.
+
+LevelsFn = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def ratio_levels(log_ratio: Callable[[torch.Tensor], torch.Tensor]) -> LevelsFn:
+    """Levels from a split function: a_i = σ_i e^{r}, b_i = σ_i e^{−r} with r = ½ ln(g/h) = log_ratio(σ_i).
+
+    Any schedule pair (g, h) sampled at t_i = F⁻¹(σ_i²) has this form, since a_i b_i = σ_i² (method.md §6 step 2).
+    ``log_ratio`` may return [N] (one split for all) or [K, N] (one per class, gathered by the sample's row).
+    """
+    def levels(sigmas: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+        r = torch.as_tensor(log_ratio(sigmas), dtype=torch.float64, device=sigmas.device)
+        if r.ndim == 2:
+            r = r[rows if rows is not None else torch.zeros(1, dtype=torch.long)]
+        else:
+            r = r[None]
+        return torch.stack([sigmas * r.exp(), sigmas * (-r).exp()])  # [2, B|1, N]
+    return levels
+
+
+def knot_split(lg: torch.Tensor, lh: torch.Tensor, tau: torch.Tensor, sigmas: torch.Tensor,
+               rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(a, b) [2, R|B, N] from log-knots of g and h: t_i = F⁻¹(σ_i²) with F = √(g h), a = √g(t_i), b = √h(t_i).
+
+    Differentiable in the log-knots (method.md §6 step 2); rows None evaluates every row of the bank.
+    """
+    from edm_aniso.schedule import evaluate_log_knots, geometric_mean_log_knots, inverse_log_knots
+    rows = torch.arange(lg.shape[0], device=lg.device) if rows is None else rows.to(lg.device)
+    rr = rows[:, None].expand(-1, sigmas.shape[0])
+    v = (sigmas.to(lg.dtype) ** 2)[None].expand_as(rr)
+    t = inverse_log_knots(geometric_mean_log_knots(lg, lh), tau, v, rr)
+    g, _ = evaluate_log_knots(lg, tau, t, rr)
+    h, _ = evaluate_log_knots(lh, tau, t, rr)
+    return torch.stack([g.sqrt(), h.sqrt()]).to(torch.float64)
+
+
+def schedule_levels(schedule_g, schedule_h) -> LevelsFn:
+    """Levels from two KnotSchedule objects (rows gathered per sample when they are banks)."""
+    def levels(sigmas: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+        rows = torch.zeros(1, dtype=torch.long) if rows is None else rows
+        return knot_split(schedule_g.log_knots(), schedule_h.log_knots(), schedule_g.tau, sigmas, rows)
+    return levels
+
+
+class OracleNet(torch.nn.Module):
+    """Stand-in for AnisoPrecond whose denoiser is exact for ``dist`` (a DCTGaussian or DCTGaussianMixture).
+
+    Exposes what the samplers use: ``levels``, ``flow``, ``rows_for``, ``subspace``, the EDM-style call
+    ``net(x, sigma, class_labels)``, ``round_sigma``, ``sigma_min``/``sigma_max``, ``img_*``, ``label_dim``; ``calls``
+    counts network evaluations. Per-class splits (``levels_fn`` from ``ratio_levels`` with a [K, N] log ratio) and
+    per-class bases (``basis_of_class``, indices into the subspace's masks) exercise per-sample handling.
+    """
+
+    def __init__(self, dist, levels_fn: Optional[LevelsFn] = None, subspace: Optional[MaskedDCTSubspace] = None,
+                 label_dim: int = 0, basis_of_class: Optional[Sequence[int]] = None,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
+                 schedule_g: Optional[torch.nn.Module] = None, schedule_h: Optional[torch.nn.Module] = None):
+        super().__init__()
+        self.dist = dist
+        c, res, _ = dist.variances.shape
+        self.img_channels, self.img_resolution, self.label_dim = c, res, label_dim
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        self.subspace = subspace if subspace is not None else MaskedDCTSubspace(low_block_mask(res))
+        self.schedule_g, self.schedule_h = schedule_g, schedule_h
+        if levels_fn is None:
+            levels_fn = schedule_levels(schedule_g, schedule_h) if schedule_g is not None \
+                else ratio_levels(torch.zeros_like)
+        self.levels_fn = levels_fn
+        basis = torch.as_tensor(basis_of_class if basis_of_class is not None else [0] * max(label_dim, 1))
+        self.register_buffer('basis_rows', basis.long())
+        self.calls = 0
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def rows_for(self, class_labels: Optional[torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(schedule row, basis id) per sample; labels one-hot → argmax, unconditional → zeros."""
+        rows = torch.zeros(batch, dtype=torch.long) if class_labels is None or self.label_dim == 0 \
+            else class_labels.argmax(dim=1).cpu()
+        return rows, self.basis_rows[rows]
+
+    def levels(self, sigmas: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
+               batch: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) [B, N+1] float64 with a_N = b_N = 0 (method.md §6 step 2)."""
+        b_size = class_labels.shape[0] if class_labels is not None else (batch or 1)
+        rows, _ = self.rows_for(class_labels, b_size)
+        ab = self.levels_fn(sigmas.to(torch.float64), rows if self.label_dim else None)
+        ab = torch.cat([ab, torch.zeros_like(ab[..., :1])], dim=-1).expand(2, b_size, -1)
+        return ab[0], ab[1]
+
+    def schedule_parameters(self) -> list[torch.nn.Parameter]:
+        """θ: the schedule modules' parameters (shared ones once), as AnisoPrecond.schedule_parameters."""
+        seen, out = set(), []
+        for mod in (self.schedule_g, self.schedule_h):
+            for p in (mod.parameters() if mod is not None else []):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def network_parameters(self) -> list[torch.nn.Parameter]:
+        """φ: none, the oracle is exact."""
+        return []
+
+    def schedules(self, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None):
+        """(g, g_dot, h, h_dot) per sample from the schedule modules (as AnisoPrecond.schedules)."""
+        if self.schedule_g is None:
+            raise ValueError('this oracle has no schedule modules')
+        rows = self.rows_for(class_labels, t.shape[0])[0].to(t.device) if self.label_dim else None
+        g, g_dot = self.schedule_g(t, rows)
+        h, h_dot = self.schedule_h(t, rows)
+        return g, g_dot, h, h_dot
+
+    def _noise_var(self, g: torch.Tensor, h: torch.Tensor, basis_id: Optional[torch.Tensor], like: torch.Tensor):
+        mask = self.subspace._mask(like, basis_id)
+        g, h = _per_sample(g, like), _per_sample(h, like)
+        return g * mask + h * (1 - mask)
+
+    def denoise(self, x: torch.Tensor, g, h, basis_id: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Exact E[x0 | x_t = x] under M = g P + h P_perp (float64)."""
+        xd = x.to(torch.float64)
+        m = self._noise_var(torch.as_tensor(g, dtype=torch.float64), torch.as_tensor(h, dtype=torch.float64),
+                            basis_id, xd)
+        return from_dct(self.dist.denoise_dct(to_dct(xd), m))
+
+    def forward(self, x: torch.Tensor, sigma=None, class_labels=None, force_fp32: bool = False, *, g=None, h=None,
+                basis_id=None, **unused) -> torch.Tensor:
+        """EDM-compatible call (g = h = σ²) or an anisotropic one with per-sample g, h."""
+        self.calls += 1
+        if g is None:
+            s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1)
+            g = h = s ** 2
+        if basis_id is None:
+            basis_id = self.rows_for(class_labels, x.shape[0])[1]
+        return self.denoise(x, g, h, basis_id)
+
+    def flow(self, x: torch.Tensor, g, h, class_labels=None, basis_id=None, **unused) -> torch.Tensor:
+        """f = M^{-1/2}(D − x) (method.md §1)."""
+        d = self.forward(x, class_labels=class_labels, g=g, h=h, basis_id=basis_id)
+        g, h = torch.as_tensor(g, dtype=torch.float64), torch.as_tensor(h, dtype=torch.float64)
+        return self.subspace.apply(d - x.to(torch.float64), g.rsqrt(), h.rsqrt(), basis_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Closed-form sampler factors and Fréchet distances.
+
+
+def heun_factors(variances: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Per-coefficient gain of aniso_heun on Gaussian data: output coefficient = gain · levels[..., 0] · z.
+
+    ``levels`` [..., N+1] are the σ levels of each coefficient's block (a_i on P, b_i on P_perp), last one 0. With the
+    oracle f = −k x with k = s/(λ + s²), an Euler step multiplies x by e_i = 1 − (s_i − s_{i+1}) k_i and a Heun step
+    by 1 − (s_i − s_{i+1})(k_i + k_{i+1} e_i)/2; the last step is Euler.
+    """
+    lam = variances[..., None].to(torch.float64)
+    s = levels.to(torch.float64)
+    k = s / (lam + s ** 2)
+    gain = torch.ones(torch.broadcast_shapes(lam.shape[:-1], s.shape[:-1]), dtype=torch.float64)
+    n = s.shape[-1] - 1
+    for i in range(n):
+        ds = s[..., i] - s[..., i + 1]
+        euler = 1 - ds * k[..., i]
+        gain = gain * (euler if i == n - 1 else 1 - ds * (k[..., i] + k[..., i + 1] * euler) / 2)
+    return gain
+
+
+def frechet_diag(var_a: torch.Tensor, var_b: torch.Tensor) -> float:
+    """Fréchet distance between N(0, diag var_a) and N(0, diag var_b): Σ (√a − √b)²."""
+    return float(((var_a.sqrt() - var_b.sqrt()) ** 2).sum())
+
+
+def frechet_samples(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two sample sets [n, ...] (as FID does for features)."""
+    import scipy.linalg
+    a = x.reshape(x.shape[0], -1).double().cpu().numpy()
+    b = y.reshape(y.shape[0], -1).double().cpu().numpy()
+    mu = a.mean(0) - b.mean(0)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root, _ = scipy.linalg.sqrtm(ca @ cb, disp=False)
+    return float(mu @ mu + np.trace(ca + cb - 2 * np.real(root)))
+
+
+def exact_end_ratio(variances: torch.Tensor, sigma_max: float = 80.0) -> torch.Tensor:
+    """The exact PF-ODE gain √(λ/(λ + σ_max²)) from x_T = σ_max z to t = 0 (method.md §9.6)."""
+    lam = variances.to(torch.float64)
+    return (lam / (lam + sigma_max ** 2)).sqrt()
+
+
+__all__ = ['to_dct', 'from_dct', 'power_law_variances', 'low_block_mask', 'MaskedDCTSubspace', 'DCTGaussian',
+           'DCTGaussianMixture', 'ratio_levels', 'knot_split', 'schedule_levels', 'OracleNet', 'heun_factors', 'frechet_diag', 'frechet_samples',
+           'exact_end_ratio']
