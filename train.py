@@ -139,11 +139,17 @@ def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.Ea
     c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
 
     # Training length, EMA, batch, ticks.
-    c.total_kimg = max(int(opts.duration * 1000), 1)
-    c.ema_halflife_kimg = int(opts.ema * 1000)
-    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu)
-    c.update(loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
-    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump)
+    c.update(
+        total_kimg=max(int(opts.duration * 1000), 1),   # --duration is in Mimg; at least one kimg
+        ema_halflife_kimg=int(opts.ema * 1000),         # --ema is in Mimg
+        batch_size=opts.batch,
+        batch_gpu=opts.batch_gpu,
+        loss_scaling=opts.ls,
+        cudnn_benchmark=opts.bench,
+        kimg_per_tick=opts.tick,
+        snapshot_ticks=opts.snap,
+        state_dump_ticks=opts.dump,
+    )
     c.seed = opts.seed if opts.seed is not None else _random_seed(device)
 
     # Transfer or resume.

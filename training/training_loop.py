@@ -186,12 +186,15 @@ def _transfer(src: torch.nn.Module, net: torch.nn.Module, ema: torch.nn.Module) 
 def _save_snapshot(path: str, ema: torch.nn.Module, loss_fn: Any, augment_pipe: Any, dataset_kwargs: dict) -> None:
     """EDM network pickle: {'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}; modules deep-copied, eval, no grad,
     checked identical across ranks, on CPU. Collective; rank 0 writes."""
-    data = dict(ema=ema, loss_fn=loss_fn, augment_pipe=augment_pipe, dataset_kwargs=dict(dataset_kwargs))
-    for key, value in data.items():
-        if isinstance(value, torch.nn.Module):
-            value = copy.deepcopy(value).eval().requires_grad_(False)
-            misc.check_ddp_consistency(value)
-            data[key] = value.cpu()
+    def frozen_cpu_copy(obj: Any) -> Any:
+        if not isinstance(obj, torch.nn.Module):
+            return obj
+        clone = copy.deepcopy(obj).eval().requires_grad_(False)
+        misc.check_ddp_consistency(clone)  # every rank must hold the same tensors
+        return clone.cpu()
+
+    data = {'ema': frozen_cpu_copy(ema), 'loss_fn': frozen_cpu_copy(loss_fn),
+            'augment_pipe': frozen_cpu_copy(augment_pipe), 'dataset_kwargs': dict(dataset_kwargs)}
     if dist.get_rank() == 0:
         atomic_write(path, lambda f: pickle.dump(data, f))
 
@@ -275,11 +278,12 @@ def training_loop(
     net.train().requires_grad_(True).to(device)
     dist.broadcast_(misc.params_and_buffers(net))  # every rank starts from rank 0's weights
     if rank == 0:
+        res = net.img_resolution
+        probe = [torch.zeros([batch_gpu, net.img_channels, res, res], device=device),  # images
+                 torch.ones([batch_gpu], device=device),                              # sigma = 1
+                 torch.zeros([batch_gpu, net.label_dim], device=device)]              # no class
         with torch.no_grad():
-            images = torch.zeros([batch_gpu, net.img_channels, net.img_resolution, net.img_resolution], device=device)
-            sigma = torch.ones([batch_gpu], device=device)
-            labels = torch.zeros([batch_gpu, net.label_dim], device=device)
-            misc.print_module_summary(net, [images, sigma, labels], max_nesting=2)
+            misc.print_module_summary(net, probe, max_nesting=2)
 
     # Loss, optimizers, augmentation, DDP, EMA.
     dist.print0('Setting up optimizer...')
@@ -345,10 +349,9 @@ def training_loop(
         bad = torch.zeros([], dtype=torch.bool, device=device)
         for round_idx in range(num_rounds):
             with misc.ddp_sync(ddp, round_idx == num_rounds - 1):
-                images, labels = next(dataset_iterator)
-                images = images.to(device).to(torch.float32) / 127.5 - 1
-                labels = labels.to(device)
-                loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe)
+                pixels, labels = next(dataset_iterator)
+                images = pixels.to(device=device, dtype=torch.float32) / 127.5 - 1   # uint8 -> [-1, 1]
+                loss = loss_fn(net=ddp, images=images, labels=labels.to(device), augment_pipe=augment_pipe)
                 training_stats.report('Loss/loss', loss)
                 loss_sum = loss.sum()
                 bad |= ~torch.isfinite(loss_sum.detach())
