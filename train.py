@@ -86,6 +86,11 @@ def run_desc(dataset_name: str, cond: bool, arch: str, precond: str, world_size:
     return f'{name}-{desc}' if desc is not None else name
 
 
+# training_loop kwargs that --resume takes from the resumed run's options, keyed to the option that overrides each.
+RESUMED_RAMP_KEYS = {'lr_rampup_kimg': 'lr_rampup', 'lr_decay_start_kimg': 'lr_decay_start',
+                     'lr_halflife_kimg': 'lr_halflife', 'ema_rampup_ratio': 'ema_rampup'}
+
+
 def _random_seed(device: torch.device) -> int:
     """A fresh seed drawn by rank 0 and shared with every rank."""
     seed = torch.tensor(int.from_bytes(os.urandom(4), 'little') % (1 << 31), dtype=torch.int64, device=device)
@@ -153,6 +158,7 @@ def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.Ea
     c.seed = opts.seed if opts.seed is not None else _random_seed(device)
 
     # Transfer or resume.
+    previous = {}   # training_options.json of the run being resumed
     if opts.transfer is not None:
         if opts.resume is not None:
             raise click.ClickException('--transfer and --resume cannot be used together')
@@ -166,11 +172,9 @@ def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.Ea
         c.resume_pkl = snapshot if os.path.isfile(snapshot) else None  # states we write also carry the EMA
         c.resume_kimg = int(m.group(1))
         c.resume_state_dump = opts.resume
+        previous = _previous_options(opts.resume)
         if opts.seed is None:  # keep the run's seed (data order) so that the resumed run continues exactly
-            options_file = os.path.join(os.path.dirname(opts.resume), 'training_options.json')
-            if os.path.isfile(options_file):
-                with open(options_file) as f:
-                    c.seed = json.load(f).get('seed', c.seed)
+            c.seed = previous.get('seed', c.seed)
 
     # Our additions (EDM fixes these): LR ramp and decay, EMA ramp. Absent = EDM's values (or the recipe's).
     if opts.get('lr_rampup') is not None:
@@ -183,6 +187,11 @@ def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.Ea
         c.ema_rampup_ratio = opts.ema_rampup if opts.ema_rampup > 0 else None
 
     entry.configure(c, opts)
+    # A resumed run keeps the LR and EMA ramps of the run it continues (unless given again), so that it goes on exactly
+    # as an uninterrupted run would (recipes derive some of them from --duration or --transfer).
+    for key, option in RESUMED_RAMP_KEYS.items():
+        if key in previous and opts.get(option) is None:
+            c[key] = previous[key]
     try:
         loop.batch_layout(c.batch_size, c.batch_gpu, dist.get_world_size())
     except ValueError as err:
@@ -190,6 +199,16 @@ def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.Ea
     name = run_desc(dataset_name, c.dataset_kwargs.use_labels, opts.arch, opts.precond, dist.get_world_size(),
                     c.batch_size, c.network_kwargs.use_fp16, opts.desc)
     return c, name
+
+
+def _previous_options(state_path: str) -> dict:
+    """training_options.json beside a training state ({} if absent or unreadable)."""
+    path = os.path.join(os.path.dirname(state_path), 'training_options.json')
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def print_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.device) -> None:

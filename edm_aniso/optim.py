@@ -60,6 +60,9 @@ class RowMaskedAdam(torch.optim.Optimizer):
                     state['step'] = torch.zeros(grad.shape[0], dtype=torch.float32, device=p.device)
                     state['exp_avg'] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state['exp_avg_sq'] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if state['step'].device != p.device:
+                    # Optimizer.load_state_dict keeps 'step' where it was saved (our states load on the CPU).
+                    state['step'] = state['step'].to(p.device)
                 if not bool(mask.any()):
                     continue
                 rows = mask.nonzero().flatten()

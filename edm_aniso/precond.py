@@ -142,8 +142,8 @@ class AnisoPrecond(torch.nn.Module):
         """(schedule row [B], basis id [B]) of each sample from one-hot labels (argmax; method.md §8.2-8.3).
 
         Unconditional networks map every sample to row 0. A conditional network given no labels is refused when it
-        has a class bank or several bases (no default class). A [1, label_dim] label row is broadcast to the batch;
-        an all-zero row (EDM's "unconditional" input, e.g. the loop's module summary) maps to class 0.
+        has a class bank or several bases (no default class), and so is an all-zero label row (EDM's "unconditional"
+        input). A [1, label_dim] label row is broadcast to the batch.
         """
         device = self.schedule_rows.device
         banked = self.schedule_g.num_rows > 1 or self.subspace.num_bases > 1
@@ -157,6 +157,8 @@ class AnisoPrecond(torch.nn.Module):
             labels = labels.expand(batch, -1)
         if labels.shape[0] != batch:
             raise ValueError(f'got {labels.shape[0]} label rows for a batch of {batch}')
+        if banked and not bool((labels != 0).any(dim=1).all()):
+            raise ValueError('a class bank needs a class per sample: got an all-zero label row (no default class)')
         cls = labels.argmax(dim=1).to(device)
         return self.schedule_rows[cls], self.basis_rows[cls]
 
@@ -314,6 +316,14 @@ class AnisoPrecond(torch.nn.Module):
         if src.schedule_g.num_rows not in (1, self.schedule_g.num_rows):
             raise ValueError(f'--transfer: the pickle has {src.schedule_g.num_rows} schedule rows, this network '
                              f'{self.schedule_g.num_rows} (check --per-class/--class-groups)')
+        if src.schedule_g.num_rows > 1 and not torch.equal(src.schedule_rows.cpu(), self.schedule_rows.cpu()):
+            raise ValueError('--transfer: the pickle maps classes to schedule rows differently (check --class-groups)')
+        if src_stage == 2:   # h belongs to the pickle's P_perp: the split must be the same
+            ours, theirs = self.subspace, src.subspace
+            if (theirs.kind, theirs.rank, theirs.num_bases) != (ours.kind, ours.rank, ours.num_bases):
+                raise ValueError(f'--transfer: the stage-2 pickle uses subspace {theirs.kind} (rank {theirs.rank}, '
+                                 f'{theirs.num_bases} bases), this run {ours.kind} (rank {ours.rank}, '
+                                 f'{ours.num_bases} bases)')
         self.schedule_g.load_rows_from(src.schedule_g)
         if self.stage == 2:
             self.schedule_h.load_rows_from(src.schedule_h if src_stage == 2 else src.schedule_g)

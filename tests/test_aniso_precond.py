@@ -198,6 +198,27 @@ def test_transfer_validation():
         AnisoPrecond(8, 3, label_dim=4, stage=2, **{**TINY, 'model_channels': 32}).transfer_from(stage1)
     with pytest.raises(ValueError, match='schedule rows'):
         _aniso(4, stage=2, per_class=True, class_groups=[0, 1, 0, 1]).transfer_from(stage1)
+    with pytest.raises(ValueError, match='maps classes to schedule rows differently'):
+        _aniso(4, stage=2, per_class=True, class_groups=[1, 0, 3, 2]).transfer_from(stage1)
+    # A stage-2 pickle's h belongs to its own P_perp: the subspace must match.
+    stage2.transfer_from(stage2)
+    with pytest.raises(ValueError, match='subspace dct'):
+        _aniso(4, stage=2, subspace='iso', per_class=True).transfer_from(stage2)
+    with pytest.raises(ValueError, match='subspace dct'):
+        _aniso(4, stage=2, subspace='dct', dct_cutoff=2, per_class=True).transfer_from(stage2)
+
+
+def test_class_bank_refuses_all_zero_labels():
+    """No default class (method.md §8.2): EDM's all-zero 'unconditional' label row is refused by a bank."""
+    bank = _aniso(4, stage=2, subspace='dct', per_class=True)
+    t = torch.tensor([10.0, 20.0])
+    with pytest.raises(ValueError, match='all-zero label row'):
+        bank.schedules(t, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match='all-zero label row'):
+        bank.schedules(t, torch.tensor([[0.0, 1, 0, 0], [0, 0, 0, 0]]))
+    plain = _aniso(4, stage=2, subspace='dct')   # one row: the label does not choose a schedule
+    g, *_ = plain.schedules(t, torch.zeros(2, 4))
+    assert torch.isfinite(g).all()
 
 
 _CHILD = r'''

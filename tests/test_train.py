@@ -539,3 +539,25 @@ def test_lr_and_ema_ramp_options_reach_the_config(tmp_path, data_zip):
     c = dry('--lr-rampup=0', '--lr-decay-start=5', '--lr-halflife=2.5', '--ema-rampup=0')
     assert c['lr_rampup_kimg'] == 0 and c['lr_decay_start_kimg'] == 5 and c['lr_halflife_kimg'] == 2.5
     assert c['ema_rampup_ratio'] is None
+
+
+def test_resume_keeps_the_runs_lr_and_ema_ramps(tmp_path, data_zip):
+    """A resumed run continues with the ramps of the run it resumes (e.g. no EMA ramp after --transfer)."""
+    prev = tmp_path / 'prev'
+    prev.mkdir()
+    (prev / 'training_options.json').write_text(json.dumps(
+        {'seed': 5, 'ema_rampup_ratio': None, 'lr_rampup_kimg': 120, 'lr_decay_start_kimg': 600,
+         'lr_halflife_kimg': 150}))
+    state = prev / 'training-state-000001.pt'
+    state.write_bytes(b'')
+
+    def dry(*extra):
+        result = invoke([f'--outdir={tmp_path}', f'--data={data_zip}', f'--resume={state}', '-n', '--device=cpu', *extra])
+        assert result.exit_code == 0, result.output
+        text = result.output.split('Training options:')[1]
+        return json.loads(text[:text.index('\n}\n') + 2])
+    c = dry()
+    assert c['ema_rampup_ratio'] is None and c['lr_rampup_kimg'] == 120
+    assert c['lr_decay_start_kimg'] == 600 and c['lr_halflife_kimg'] == 150
+    c = dry('--lr-rampup=7', '--ema-rampup=0.1')   # given again: the new value wins
+    assert c['lr_rampup_kimg'] == 7 and c['ema_rampup_ratio'] == 0.1 and c['lr_halflife_kimg'] == 150

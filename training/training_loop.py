@@ -281,7 +281,9 @@ def training_loop(
         res = net.img_resolution
         probe = [torch.zeros([batch_gpu, net.img_channels, res, res], device=device),  # images
                  torch.ones([batch_gpu], device=device),                              # sigma = 1
-                 torch.zeros([batch_gpu, net.label_dim], device=device)]              # no class
+                 torch.nn.functional.one_hot(                                          # class 0
+                     torch.zeros([batch_gpu], dtype=torch.long, device=device), net.label_dim).float()
+                 if net.label_dim else torch.zeros([batch_gpu, 0], device=device)]
         with torch.no_grad():
             misc.print_module_summary(net, probe, max_nesting=2)
 
