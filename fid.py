@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import tempfile
 import warnings
 from typing import Any, Optional, Union
 
@@ -269,10 +270,24 @@ def load_reference_stats(path: str, verbose: bool = True) -> tuple[np.ndarray, n
 
 
 def save_reference_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Write ``np.savez(path, mu=mu, sigma=sigma)``, creating parent folders."""
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez(path, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
+    """Write ``np.savez(path, mu=mu, sigma=sigma)``, creating parent folders. As np.savez, a name without ``.npz``
+    gets it appended. The file is written atomically: into a temporary file in the same folder (through an open file
+    object, so np.savez adds no suffix to it), then renamed into place."""
+    if not path.endswith('.npz'):
+        path += '.npz'
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            np.savez(f, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------

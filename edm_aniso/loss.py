@@ -38,6 +38,12 @@ def _unit_probe(like: torch.Tensor, generator: Optional[torch.Generator] = None)
     return _normalise(torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator))
 
 
+def _hvp(a: torch.Tensor, e: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """grad_x <a, e>, the Hessian-vector product of T1; None (zero) where a's graph does not reach x (a flow linear
+    in x: a then depends only on the network parameters)."""
+    return torch.autograd.grad(_dot(a, e).sum(), x, retain_graph=True, allow_unused=True)[0]
+
+
 def theta_surrogate(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor, apply: ApplyFn,
                     g: torch.Tensor, h: torch.Tensor, probes: int = 1, exact_trace: bool = False,
                     generator: Optional[torch.Generator] = None,
@@ -66,18 +72,20 @@ def theta_surrogate(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor, apply: Ap
     if exact_trace:
         s1 = torch.zeros_like(s2)
         flat = torch.eye(d, dtype=x.dtype, device=x.device)
-        for i in range(d):
+        for i in range(d if a.requires_grad else 0):              # as below: no Hessian, T1 = 0
             e = flat[i].reshape(x.shape[1:]).expand_as(x)
-            q = torch.autograd.grad(_dot(a, e).sum(), x, retain_graph=True)[0]
-            s1 = s1 + 0.5 * _dot(q, apply(e, g, h))
+            q = _hvp(a, e, x)
+            if q is not None:
+                s1 = s1 + 0.5 * _dot(q, apply(e, g, h))
     else:
         s1 = torch.zeros_like(s2)
         if probe_noise is not None:
             probes = probe_noise.shape[0]
         for k in range(probes if a.requires_grad else 0):   # a flow linear in x has no Hessian: T1 = 0
             e = _unit_probe(x, generator) if probe_noise is None else _normalise(probe_noise[k].to(x.dtype))
-            q = torch.autograd.grad(_dot(a, e).sum(), x, retain_graph=True)[0]
-            s1 = s1 + (0.5 * d / probes) * _dot(q, apply(e, g, h))
+            q = _hvp(a, e, x)
+            if q is not None:
+                s1 = s1 + (0.5 * d / probes) * _dot(q, apply(e, g, h))
     return s1 + s2 + s3
 
 
@@ -97,6 +105,14 @@ def _augment(images: torch.Tensor, augment_pipe: Any) -> tuple[torch.Tensor, Any
     return augment_pipe(images) if augment_pipe is not None else (images, None)
 
 
+def _draw_and_compute(loss: Any, net: Any, images: torch.Tensor, labels: Optional[torch.Tensor],
+                      augment_pipe: Any) -> torch.Tensor:
+    """EDM's call contract for both losses: draw t ~ U(t_min, T), augment, draw eps, then ``loss.compute``."""
+    t = _times(net, images.shape[0], loss.t_min, images.device)
+    y, aug = _augment(images, augment_pipe)
+    return loss.compute(net, y, labels, t, torch.randn_like(y), aug)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -114,9 +130,7 @@ class AnisoStage1Loss:
 
     def __call__(self, net: Any, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
                  augment_pipe: Any = None) -> torch.Tensor:
-        t = _times(net, images.shape[0], self.t_min, images.device)
-        y, aug = _augment(images, augment_pipe)
-        return self.compute(net, y, labels, t, torch.randn_like(y), aug)
+        return _draw_and_compute(self, net, images, labels, augment_pipe)
 
     def compute(self, net: Any, y: torch.Tensor, labels: Optional[torch.Tensor], t: torch.Tensor,
                 eps: torch.Tensor, aug: Any = None) -> torch.Tensor:
@@ -168,9 +182,7 @@ class AnisoStage2Loss:
 
     def __call__(self, net: Any, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
                  augment_pipe: Any = None) -> torch.Tensor:
-        t = _times(net, images.shape[0], self.t_min, images.device)
-        y, aug = _augment(images, augment_pipe)
-        return self.compute(net, y, labels, t, torch.randn_like(y), aug)
+        return _draw_and_compute(self, net, images, labels, augment_pipe)
 
     def compute(self, net: Any, y: torch.Tensor, labels: Optional[torch.Tensor], t: torch.Tensor,
                 eps: torch.Tensor, aug: Any = None, probe_noise: Optional[torch.Tensor] = None,

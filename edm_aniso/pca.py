@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import click
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from edm_aniso.subspace import orthonormalize
 
-__all__ = ['orthonormalize', 'compute_pca_bases', 'load_pca_file', 'main']
+__all__ = ['orthonormalize', 'compute_pca_bases', 'save_pca_file', 'load_pca_file', 'main']
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Library.
@@ -125,6 +126,31 @@ def compute_pca_bases(
     return top_eigenvectors(acc.covariance(), rank).cpu()
 
 
+def save_pca_file(path: str, bases: torch.Tensor, groups: torch.Tensor | None, rank: int, resolution: int,
+                  source: dict | None = None) -> None:
+    """Write a bases file (read by `load_pca_file`) atomically: torch.save into a temporary file in the same folder,
+    then rename it into place, so a crash or a concurrent reader never sees a truncated file. The bases are stored
+    as float32. `source` (optional): what the bases were computed from (e.g. dataset path, image count), so a cached
+    file can be checked against the current dataset before reuse."""
+    data = {'bases': torch.as_tensor(bases).to(torch.float32), 'groups': groups, 'rank': int(rank),
+            'resolution': int(resolution)}
+    if source is not None:
+        data['source'] = dict(source)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def load_pca_file(path: str) -> dict:
     """Load a file written by `python -m edm_aniso.pca`, checking its keys and shapes."""
     data = torch.load(path, map_location='cpu', weights_only=True)
@@ -216,9 +242,9 @@ def main(data: str, dest: str, rank: int | None, per_class: bool, groups: str | 
         bases = compute_pca_bases(dataset, rank, groups=group_map, xflip=xflip, batch=batch, device=device)
     except ValueError as err:
         raise click.ClickException(str(err))
-    if os.path.dirname(dest):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-    torch.save({'bases': bases.float(), 'groups': group_map, 'rank': rank, 'resolution': res}, dest)
+    save_pca_file(dest, bases, group_map, rank, res,
+                  source=dict(dataset=os.path.abspath(data), num_images=len(dataset), resolution=res, rank=rank,
+                              xflip=bool(xflip)))
     print(f'Saved {bases.shape[0]} basis(es) of rank {rank} at {res}x{res} to {dest}')
 
 

@@ -108,11 +108,23 @@ def plot_schedules(net: Any, out_dir: str, num_points: int = 400, max_rows: int 
     return paths
 
 
+def _first_line(err: BaseException) -> str:
+    text = (str(err).splitlines() or [''])[0]
+    return f'{type(err).__name__}: {text}' if text else type(err).__name__
+
+
 def load_network(path: str) -> Any:
-    """The 'ema' module of an EDM-format network pickle (path or URL)."""
+    """The 'ema' module of an EDM-format network pickle (path or URL); a one-line ValueError if it cannot be read."""
     import dnnlib
-    with dnnlib.util.open_url(path) as f:
-        data = pickle.load(f)
+    try:
+        f = dnnlib.util.open_url(path)
+    except Exception as err:  # noqa: BLE001 - a missing file or a failed download, as one line
+        raise ValueError(f'cannot open network pickle "{path}" ({_first_line(err)})') from err
+    try:
+        with f:
+            data = pickle.load(f)
+    except Exception as err:  # noqa: BLE001 - truncated, corrupt or foreign pickles raise many kinds of errors
+        raise ValueError(f'cannot read network pickle "{path}" ({_first_line(err)})') from err
     if not isinstance(data, dict) or 'ema' not in data:
         raise ValueError(f'"{path}" is not a network pickle (no \'ema\' entry)')
     return data['ema']

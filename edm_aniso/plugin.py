@@ -42,7 +42,7 @@ OPTIONS = [
                  type=click.IntRange(min=1)),
     click.Option(['--pca-bases'], help='Bases file from python -m edm_aniso.pca  [default: computed from --data]',
                  metavar='PATH', type=str),
-    click.Option(['--kappa'], help='kappa of the weighting W  [default: 1]', metavar='FLOAT',
+    click.Option(['--kappa'], help='kappa of the weighting W (stage 2; stage 1 uses 1)  [default: 1]', metavar='FLOAT',
                  type=click.FloatRange(min=0, min_open=True)),
     click.Option(['--schedule-lr'], help='Schedule (theta) learning rate  [default: 1e-2 stage 1, 1e-4 stage 2]',
                  metavar='FLOAT', type=click.FloatRange(min=0, min_open=True)),
@@ -83,21 +83,44 @@ def parse_class_groups(text: Optional[str]) -> Optional[list[int]]:
     return data
 
 
+def _pca_source(c: Any, dataset: Any, rank: int) -> dict:
+    """What automatic PCA bases are computed from; a cached file is reused only if it stores the same."""
+    path = c.dataset_kwargs.get('path')
+    return dict(dataset=os.path.abspath(path) if path is not None else None, num_images=len(dataset),
+                resolution=int(dataset.resolution), rank=int(rank), xflip=True)
+
+
+def _cached_pca_matches(path: str, source: dict) -> bool:
+    """Whether `path` is a readable bases file computed from `source` (same dataset, image count, resolution, rank)."""
+    from edm_aniso import pca
+    if not os.path.isfile(path):
+        return False
+    try:
+        data = pca.load_pca_file(path)
+    except Exception:  # noqa: BLE001 - an unreadable or foreign file is recomputed, not reused
+        return False
+    return data.get('source') == source and data['rank'] == source['rank'] and \
+        data['resolution'] == source['resolution'] and data['groups'] is None
+
+
 def _pca_bases_path(c: Any, opts: Any, rank: Optional[int]) -> str:
-    """Compute global PCA bases from --data (edm_aniso.pca) once and save them next to the run (in --outdir)."""
+    """Compute global PCA bases from --data (edm_aniso.pca) once and save them next to the run (in --outdir).
+
+    Only rank 0 computes and writes (atomically); the other ranks wait at a barrier and then read the file. A file
+    already there is reused only if it was computed from the same dataset (path, image count), resolution and rank."""
     from edm_aniso import pca   # imported lazily: only the pca subspace without --pca-bases needs it
-    import torch
+    from torch_utils import distributed as dist
     dataset = dnnlib.util.construct_class_by_name(**{**c.dataset_kwargs, 'xflip': False, 'use_labels': False})
     res = dataset.resolution
     rank = rank if rank is not None else max(res * res // 4, 1)
     path = os.path.join(opts.outdir, f'pca-bases-{dataset.name}-k{rank}.pt')
-    if opts.get('dry_run') or os.path.isfile(path):
+    if opts.get('dry_run'):
         return path
-    bases = pca.compute_pca_bases(dataset, rank, xflip=True, progress=False)
-    os.makedirs(opts.outdir, exist_ok=True)
-    tmp = f'{path}.{os.getpid()}.tmp'
-    torch.save(dict(bases=bases, groups=None, rank=rank, resolution=res), tmp)
-    os.replace(tmp, path)   # every rank computes the same bases; the rename makes concurrent writes harmless
+    source = _pca_source(c, dataset, rank)
+    if dist.get_rank() == 0 and not _cached_pca_matches(path, source):
+        bases = pca.compute_pca_bases(dataset, rank, xflip=True, progress=False)
+        pca.save_pca_file(path, bases, None, rank, res, source=source)
+    dist.barrier()
     return path
 
 
@@ -107,7 +130,7 @@ def configure(c: Any, opts: Any) -> None:
     subspace = opts.get('subspace') or ('iso' if stage == 1 else 'dct')
     if stage == 1 and subspace != 'iso':
         raise click.ClickException('--subspace applies only to --stage=2 (stage 1 is isotropic)')
-    for name, flag in [('probes', '--probes'), ('estimator_every', '--estimator-every')]:
+    for name, flag in [('kappa', '--kappa'), ('probes', '--probes'), ('estimator_every', '--estimator-every')]:
         if stage == 1 and opts.get(name) is not None:
             raise click.ClickException(f'{flag} applies only to --stage=2')
     if subspace != 'dct' and opts.get('dct_cutoff') is not None:

@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional
 import click
 import torch
 
+from edm_aniso.schedule import karras_sigmas
+
 try:
     from training.registry import SamplerEntry
 except ImportError:      # inside upstream NVlabs/edm (patches/), whose training package has no registry
@@ -24,16 +26,18 @@ except ImportError:      # inside upstream NVlabs/edm (patches/), whose training
 
 def edm_sigma_grid(num_steps: int, sigma_min: float, sigma_max: float, rho: float,
                    device: torch.device | str = 'cpu') -> torch.Tensor:
-    """EDM's ρ-grid σ_0 = sigma_max > … > σ_{N−1} = sigma_min in float64 (method.md §6 step 1); N = 1 gives [sigma_max]."""
+    """EDM's ρ-grid σ_0 = sigma_max > … > σ_{N−1} = sigma_min in float64 (method.md §6 step 1); N = 1 gives [sigma_max].
+
+    The grid itself is ``edm_aniso.schedule.karras_sigmas``; this wrapper adds the N = 1 case and the ρ check."""
     if num_steps < 1:
         raise ValueError(f'num_steps must be >= 1, got {num_steps}')
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f'need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}')
     if rho <= 0:
         raise ValueError(f'rho must be > 0, got {rho}')
-    i = torch.arange(num_steps, dtype=torch.float64, device=device)
-    frac = i / max(num_steps - 1, 1)
-    return (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    if num_steps == 1:   # the first level of the formula, (sigma_max^(1/rho))^rho, as for N >= 2
+        return torch.full([1], sigma_max ** (1 / rho), dtype=torch.float64, device=device) ** rho
+    return karras_sigmas(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64, device=device)
 
 
 def _clamp_range(net: Any, sigma_min: Optional[float], sigma_max: Optional[float]) -> tuple[float, float]:
@@ -185,8 +189,11 @@ def aniso_rk2(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tens
               **unused) -> torch.Tensor:
     """Uniform-t two-stage RK2 per subspace (method.md §6, optional); sigma_min/sigma_max/rho do not apply.
 
-    t_j = j T / N, j = N … 0. Per subspace with σ(t) = √g or √h: Δ_half = σ(t_m) − σ(t_k), Δ_full = σ(t_{k−1}) − σ(t_k),
-    r = Δ_full/Δ_half, x_m = x − Δ_half f_0, x_next = x − Δ_full (f_0 + (r/2)(f_m − f_0)); the last step is Euler to 0.
+    t_j = j T / N, j = N … 0 (N intervals). This deviates from method.md §6's t_j = j T / (N − 1) on purpose: with N
+    intervals, N − 1 two-stage steps plus the final Euler step cost 2N − 1 evaluations, the same NFE as aniso_heun at
+    the same --steps (with T/(N − 1) it would be 2N − 3), so the two samplers compare at equal cost.
+    Per subspace with σ(t) = √g or √h: Δ_half = σ(t_m) − σ(t_k), Δ_full = σ(t_{k−1}) − σ(t_k), r = Δ_full/Δ_half,
+    x_m = x − Δ_half f_0, x_next = x − Δ_full (f_0 + (r/2)(f_m − f_0)); the last step is Euler to 0.
     """
     if not (hasattr(net, 'schedules') and is_aniso(net)):
         raise ValueError('aniso_rk2 needs a network with learned schedules (--precond=aniso)')

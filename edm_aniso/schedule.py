@@ -24,13 +24,14 @@ DELTA_FLOOR = 1e-8  # added to softplus(u) so every segment rises (method.md §2
 
 
 def karras_sigmas(num: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """EDM's rho-grid, descending: sigma_i = (smax^(1/rho) + i/(num-1) (smin^(1/rho) - smax^(1/rho)))^rho (§6 step 1)."""
+                  dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> torch.Tensor:
+    """EDM's rho-grid, descending: sigma_i = (smax^(1/rho) + i/(num-1) (smin^(1/rho) - smax^(1/rho)))^rho (§6 step 1),
+    computed in float64 on `device` (None: CPU) and then cast to `dtype`."""
     if num < 2:
         raise ValueError(f'karras_sigmas needs num >= 2, got {num}')
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f'karras_sigmas needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}')
-    frac = torch.arange(num, dtype=torch.float64) / (num - 1)
+    frac = torch.arange(num, dtype=torch.float64, device=device) / (num - 1)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return ((hi + frac * (lo - hi)) ** rho).to(dtype)
 

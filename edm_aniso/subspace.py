@@ -139,20 +139,12 @@ class DCTSubspace(Subspace):
         return (y.transpose(-1, -2) @ L).transpose(-1, -2)  # L X_c L, as L is symmetric
 
 
-def _dct_default_bases(resolution: int, rank: int) -> torch.Tensor:
-    """Placeholder PCA basis [res*res, rank]: 2-D DCT atoms ordered by radial frequency (orthonormal)."""
-    C = dct_matrix(resolution, torch.float64)
-    freqs = sorted(((u * u + v * v, u, v) for u in range(resolution) for v in range(resolution)))[:rank]
-    cols = [torch.outer(C[u], C[v]).reshape(-1) for _, u, v in freqs]
-    return torch.stack(cols, dim=1)
-
-
 @persistence.persistent_class
 class PCASubspace(Subspace):
     """PCA subspace per channel (method.md §3): P X_c = U U^T vec(X_c), one basis U per basis id.
 
-    Buffer `bases` [num_bases, res*res, rank], orthonormalised whenever set. Without bases, a placeholder of
-    low-frequency DCT atoms is used until `set_bases` is called.
+    Buffer `bases` [num_bases, res*res, rank], orthonormalised whenever set. Built without bases, the subspace is
+    unfilled (zeros) until `set_bases` or a state dict holding `bases` fills it; projecting before that is an error.
     """
 
     kind = 'pca'
@@ -161,7 +153,7 @@ class PCASubspace(Subspace):
         resolution: int,                            # Image side res.
         rank:       int,                            # k: dimension of P per channel.
         num_bases:  int                 = 1,        # Number of bases (1 = global, else per class/group).
-        bases:      torch.Tensor | None = None,     # [num_bases, res*res, rank] or [res*res, rank]; None = placeholder.
+        bases:      torch.Tensor | None = None,     # [num_bases, res*res, rank] or [res*res, rank]; None = set later.
         dtype:      torch.dtype         = torch.float32,  # Storage dtype of the bases.
     ) -> None:
         super().__init__()
@@ -170,9 +162,8 @@ class PCASubspace(Subspace):
                              f'got rank={rank}, num_bases={num_bases}')
         self.resolution, self.rank, self.num_bases = int(resolution), int(rank), int(num_bases)
         self.register_buffer('bases', torch.zeros(num_bases, resolution * resolution, rank, dtype=dtype))
-        if bases is None:  # exactly orthonormal placeholder, no QR needed
-            self.bases.copy_(_dct_default_bases(resolution, rank).to(dtype).expand(self.bases.shape))
-        else:
+        self.bases_set = False
+        if bases is not None:
             self.set_bases(bases)
 
     @torch.no_grad()
@@ -184,6 +175,12 @@ class PCASubspace(Subspace):
             raise ValueError(f'PCA bases must have shape {expected} or {expected[1:]}, got {tuple(U.shape)}')
         Q = orthonormalize(U.to(self.bases.device, torch.float64))  # one QR per distinct basis
         self.bases.copy_(Q.to(self.bases.dtype).expand(expected))
+        self.bases_set = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + 'bases' in state_dict:   # load_state_dict fills the bases as set_bases does
+            self.bases_set = True
 
     def _check_ids(self, basis_id: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         if self.num_bases == 1:
@@ -198,6 +195,9 @@ class PCASubspace(Subspace):
 
     def _project(self, x: torch.Tensor, basis_id: torch.Tensor | None) -> torch.Tensor:
         _check_images(x, self.resolution)
+        if not getattr(self, 'bases_set', True):   # pickles from before the flag always held real bases
+            raise ValueError('PCA subspace has no bases yet: pass bases=... or call set_bases() '
+                             '(e.g. with a file from python -m edm_aniso.pca)')
         B, C, H, W = x.shape
         flat = x.reshape(B, C, H * W)
         basis_id = self._check_ids(basis_id, B)

@@ -230,6 +230,38 @@ def test_stage2_surrogate_adds_zero_value_and_only_theta_gradient():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-10)
 
 
+def test_flow_linear_in_x_has_no_hessian_term():
+    """A flow linear in x (stand-in: f = -w x with a parameter w) gives a = grad_x <b, f> that needs grad (through w)
+    but whose graph misses x: T1 is zero, in the surrogate itself and in the fused and plain stage-2 losses."""
+    mix = Mixture()
+    x, b = _point(mix, 3)
+    x.requires_grad_(True)
+    w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([0.3, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    h = torch.tensor([0.5, 0.2, 1.5], dtype=torch.float64)
+    f = -w * x
+    a = torch.autograd.grad((b * f).sum(), x, create_graph=True)[0]
+    assert a.requires_grad
+    ref = theta_surrogate(x, f, b, mix.apply, g, h, a=a.detach())          # detached a: T1 skipped
+    for kw in (dict(probes=2), dict(exact_trace=True)):
+        S = theta_surrogate(x, f, b, mix.apply, g, h, a=a, **kw)
+        assert torch.equal(S.detach(), ref.detach())
+
+    net = _net(2, subspace='dct')
+    net.lin = torch.nn.Parameter(torch.tensor(0.7))
+    net.flow = lambda x_t, g_, h_, labels, basis_id=None, augment_labels=None: -net.lin * x_t   # noqa: E731
+    y, labels, t, eps, probes = _batch()
+    out = {}
+    for fused in (True, False):
+        net.zero_grad(set_to_none=True)
+        loss = AnisoStage2Loss(fused=fused).compute(net, y, labels, t, eps, probe_noise=probes, estimator=True)
+        loss.sum().backward()
+        out[fused] = _grads([net.lin] + net.schedule_parameters())
+    for p, q in zip(out[True], out[False]):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-10)
+    assert out[True][0].abs() > 0
+
+
 @pytest.mark.parametrize('stage', [1, 2])
 def test_smoke_step_updates_and_ema_keeps_raw_schedules(stage):
     from training.training_loop import update_ema

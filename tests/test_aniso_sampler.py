@@ -12,15 +12,6 @@ from edm_aniso import gaussian as G
 from edm_aniso.sampler import SAMPLER_ENTRIES, aniso_heun, aniso_rk2, check_options, edm_sigma_grid
 
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run far faster on one thread when the 2 CPU cores are shared (OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 class EDMView(torch.nn.Module):
     """Only the EDM call of a network (no levels/flow): aniso_heun must take its isotropic path."""
 
@@ -131,6 +122,25 @@ def test_output_is_product_of_step_factors_and_converges():
         errs.append(((coef - exact) / exact).abs().max().item())
     for coarse, fine in zip(errs, errs[1:]):
         assert 3.0 < coarse / fine < 5.5, errs                    # second order: ≈4× per doubling of N
+
+
+def test_callback_called_once_per_step_with_documented_dict():
+    res, lam, n = 8, G.power_law_variances(1, 8), 5
+    net = G.OracleNet(G.DCTGaussian(lam), G.ratio_levels(lambda s: 0.3 * torch.sin(torch.log(s))))
+    z = torch.randn(2, 1, res, res, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    seen = []
+    out = aniso_heun(net, z, num_steps=n, callback=seen.append)
+    a, b = net.levels(edm_sigma_grid(n, 0.002, 80, 7), None)
+    assert [d['i'] for d in seen] == list(range(n))
+    assert all(set(d) == {'i', 'x', 'denoised', 'a', 'b'} for d in seen)
+    for d in seen:
+        assert torch.equal(d['a'], a[:, d['i']].expand(2)) and torch.equal(d['b'], b[:, d['i']].expand(2))
+        assert d['x'].shape == d['denoised'].shape == z.shape
+    assert torch.equal(seen[0]['x'], net.subspace.apply(z, a[:, 0].expand(2), b[:, 0].expand(2), None))
+    assert torch.equal(out, aniso_heun(net, z, num_steps=n))         # the callback does not change the result
+    edm_seen = []
+    aniso_heun(EDMView(G.OracleNet(G.DCTGaussian(lam))), z, num_steps=n, callback=edm_seen.append)
+    assert [d['i'] for d in edm_seen] == list(range(n))
 
 
 def test_knot_schedules_and_rk2_converge():

@@ -118,6 +118,7 @@ def test_configure_reference_preset():
     (dict(stage=2, cond=True, per_class=True, class_groups='{bad'), 'JSON'),
     (dict(stage=2, dct_cutoff=3, subspace='pca'), '--dct-cutoff'),
     (dict(probes=3), '--stage=2'),
+    (dict(kappa=0.5), '--kappa applies only to --stage=2'),          # method.md §5: stage 1 uses kappa = 1
     (dict(stage=2, subspace='pca', pca_bases='/nonexistent.pt'), 'no such file'),
 ])
 def test_configure_errors(opts, message):
@@ -143,6 +144,43 @@ def test_configure_computes_pca_bases_once(tmp_path, data_zip):
     assert net.subspace.kind == 'pca' and net.subspace.rank == 5 and net.subspace.num_bases == 1
     U = net.subspace.bases[0].double()
     assert torch.allclose(U.T @ U, torch.eye(5, dtype=torch.float64), atol=1e-5)
+
+
+
+def test_configure_pca_cache_checked_against_dataset_and_written_by_rank_0(tmp_path, data_zip, monkeypatch):
+    """Automatic PCA bases: a cached file from another dataset/rank or a corrupt one is recomputed, not reused; the
+    file is float32 and written atomically; only rank 0 writes while the other ranks wait at the barrier."""
+    from edm_aniso import pca
+    from torch_utils import distributed as dist
+
+    def config():
+        c = dnnlib.EasyDict(network_kwargs=dnnlib.EasyDict(TINY), loss_kwargs=dnnlib.EasyDict(),
+                            optimizer_kwargs=dnnlib.EasyDict(lr=1e-3), total_kimg=10,
+                            dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset',
+                                                           path=data_zip, use_labels=False, xflip=False))
+        plugin.configure(c, dnnlib.EasyDict(stage=2, subspace='pca', pca_rank=4, outdir=str(tmp_path)))
+        return c.network_kwargs.pca_bases
+
+    barriers = []
+    monkeypatch.setattr(dist, 'barrier', lambda: barriers.append(dist.get_rank()))
+    monkeypatch.setattr(dist, 'get_rank', lambda: 1)
+    path = config()
+    assert not os.path.exists(path) and barriers == [1]          # rank 1 waits, never computes or writes
+    monkeypatch.setattr(dist, 'get_rank', lambda: 0)
+    assert config() == path and barriers == [1, 0]
+    good = pca.load_pca_file(path)
+    assert good['bases'].dtype == torch.float32 and good['source']['rank'] == 4
+    assert good['source']['dataset'] == os.path.abspath(data_zip)
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(path)]  # atomic write: no temp file left
+    # A file of the same name computed from another dataset (here: another image count) is recomputed.
+    pca.save_pca_file(path, torch.zeros_like(good['bases']), None, 4, good['resolution'],
+                      source={**good['source'], 'num_images': good['source']['num_images'] + 1})
+    config()
+    assert torch.equal(pca.load_pca_file(path)['bases'], good['bases'])
+    with open(path, 'wb') as f:                                     # a corrupt file too
+        f.write(b'not a torch file')
+    config()
+    assert torch.equal(pca.load_pca_file(path)['bases'], good['bases'])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -219,6 +219,24 @@ def test_calc_from_zip(tmp_path, image_sets, detector_pkl):
     assert float(last_line(res.output)) == pytest.approx(expected, rel=2e-5)
 
 
+def test_save_reference_stats_is_atomic(tmp_path, monkeypatch):
+    mu, sigma = np.arange(3.0), np.eye(3)
+    fid.save_reference_stats(str(tmp_path / 'r.npz'), mu, sigma)
+    fid.save_reference_stats(str(tmp_path / 'plain'), mu, sigma)        # as np.savez: '.npz' appended
+    assert sorted(os.listdir(tmp_path)) == ['plain.npz', 'r.npz']         # no temp file left behind
+    assert np.array_equal(fid.load_reference_stats(str(tmp_path / 'plain.npz'))[0], mu)
+
+    def broken(f, **arrays):
+        f.write(b'partial')
+        raise OSError('disk full')
+    monkeypatch.setattr(np, 'savez', broken)
+    with pytest.raises(OSError, match='disk full'):
+        fid.save_reference_stats(str(tmp_path / 'r.npz'), mu + 1, sigma)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ['plain.npz', 'r.npz']         # the old file is intact
+    assert np.array_equal(fid.load_reference_stats(str(tmp_path / 'r.npz'))[0], mu)
+
+
 @pytest.fixture
 def good_ref(tmp_path, image_sets, detector_pkl):
     dest = tmp_path / 'good.npz'

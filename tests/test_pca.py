@@ -172,6 +172,8 @@ def test_cli(tmp_path):
     assert saved['rank'] == 3 and saved['resolution'] == RES and saved['groups'] is None
     assert saved['bases'].shape == (1, RES * RES, 3)
     assert subspace_gap(saved['bases'][0].double(), U) < 0.1
+    assert saved['bases'].dtype == torch.float32 and saved['source']['num_images'] == 120
+    assert os.listdir(tmp_path / 'out') == ['global.pt']                 # written atomically: no temp file left
 
     dest2 = str(tmp_path / 'groups.pt')
     res = runner.invoke(main, [f'--data={data}', f'--dest={dest2}', '--rank=2', '--groups={"0": 1, "1": 0}',
@@ -195,3 +197,21 @@ def test_cli(tmp_path):
         assert 'Traceback' not in res.output
     res = runner.invoke(main, [f'--data={tmp_path / "missing"}', f'--dest={dest3}'])
     assert res.exit_code != 0 and 'does not exist' in res.output
+
+
+def test_save_pca_file_is_atomic_and_float32(tmp_path, monkeypatch):
+    from edm_aniso.pca import save_pca_file
+    path = str(tmp_path / 'b.pt')
+    bases = random_orthonormal(3, seed=1).unsqueeze(0).double()
+    save_pca_file(path, bases, None, 3, RES, source=dict(dataset='x', num_images=5))
+    data = load_pca_file(path)
+    assert data['bases'].dtype == torch.float32 and data['source'] == dict(dataset='x', num_images=5)
+
+    def broken(obj, f):
+        f.write(b'partial')
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', broken)
+    with pytest.raises(OSError, match='disk full'):
+        save_pca_file(path, bases * 2, None, 3, RES)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ['b.pt'] and torch.equal(load_pca_file(path)['bases'], data['bases'])

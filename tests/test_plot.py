@@ -13,15 +13,6 @@ precond = pytest.importorskip('edm_aniso.precond')
 from edm_aniso import plot  # noqa: E402
 
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run far faster on one thread when the 2 CPU cores are shared (OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 def tiny_aniso(label_dim=0, per_class=False, stage=2):
     torch.manual_seed(0)
     net = precond.AnisoPrecond(img_resolution=8, img_channels=1, label_dim=label_dim, stage=stage, subspace='dct',
@@ -60,3 +51,13 @@ def test_cli_from_pickle_and_clear_error(tmp_path):
         pickle.dump(dict(ema=torch.nn.Linear(2, 2)), f)
     res = runner.invoke(plot.main, ['--network', str(bad), '--out', str(tmp_path / 'o2')])
     assert res.exit_code == 1 and 'no learned schedules' in res.output and 'Traceback' not in res.output
+
+    truncated = tmp_path / 'truncated.pkl'
+    truncated.write_bytes(pkl.read_bytes()[:100])
+    garbage = tmp_path / 'garbage.pkl'
+    garbage.write_bytes(b'this is not a pickle')
+    for path, msg in [(tmp_path / 'missing.pkl', 'cannot open network pickle'),
+                      (truncated, 'cannot read network pickle'), (garbage, 'cannot read network pickle')]:
+        res = runner.invoke(plot.main, ['--network', str(path), '--out', str(tmp_path / 'o3')])
+        assert res.exit_code == 1 and msg in res.output and str(path) in res.output, res.output
+        assert 'Traceback' not in res.output and len(res.output.strip().splitlines()) == 1

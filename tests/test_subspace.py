@@ -185,6 +185,8 @@ def test_make_subspace_and_pickle():
     assert dct.kind == 'dct' and dct.rank == (RES // 2) ** 2
     pca = make_subspace('pca', RES)
     assert pca.kind == 'pca' and pca.rank == RES * RES // 4
+    with pytest.raises(ValueError, match='no bases yet'):          # no hidden default basis
+        pca.project(torch.randn(2, CH, RES, RES))
     pca2 = make_subspace('pca', RES, num_bases=2, bases=random_bases(2, 3))
     assert pca2.rank == 3 and pca2.num_bases == 2
     with pytest.raises(ValueError, match='iso, dct, pca'):
@@ -233,3 +235,17 @@ def test_pickle_round_trip_in_fresh_process(tmp_path):
     assert torch.equal(out['g'], g.detach()) and torch.equal(out['gd'], gd.detach())
     assert torch.equal(out['pca'], objs['pca'].project(x, ids))
     assert torch.equal(out['dct'], objs['dct'].project(x))
+
+
+def test_unfilled_pca_subspace_is_filled_by_set_bases_or_state_dict():
+    x = torch.randn(2, CH, RES, RES, dtype=F64)
+    ref = PCASubspace(RES, 4, bases=random_bases(1, 4), dtype=F64)
+    later = PCASubspace(RES, 4, dtype=F64)
+    with pytest.raises(ValueError, match='set_bases'):
+        later.apply(x, 1.0, 0.5)
+    later.set_bases(ref.bases[0])
+    assert torch.allclose(later.project(x), ref.project(x), atol=1e-12)   # set_bases re-orthonormalises
+    loaded = PCASubspace(RES, 4, dtype=F64)
+    loaded.load_state_dict(ref.state_dict())
+    assert torch.equal(loaded.project(x), ref.project(x))
+    assert torch.equal(pickle.loads(pickle.dumps(loaded)).project(x), ref.project(x))
