@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import warnings
 from typing import Any, Optional, Union
 
@@ -275,19 +274,8 @@ def save_reference_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
     object, so np.savez adds no suffix to it), then renamed into place."""
     if not path.endswith('.npz'):
         path += '.npz'
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.savez(f, mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
+    dnnlib.util.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

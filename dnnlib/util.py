@@ -413,3 +413,21 @@ def parse_int_list(s: Union[str, Iterable[int]]) -> list[int]:
         except ValueError:
             raise ValueError(f'{item.strip()!r} in {s!r} is neither an integer nor a range like 5-10') from None
     return values
+
+
+def atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """Write a file through ``write(binary_file)`` into a temporary file in the same folder (created if needed), then
+    rename it into place, so that a crash never leaves a truncated file behind (snapshots, states, bases, FID refs)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

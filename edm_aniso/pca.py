@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import click
 import numpy as np
 import torch
 
+import dnnlib
 from edm_aniso.subspace import orthonormalize
 
 __all__ = ['orthonormalize', 'compute_pca_bases', 'save_pca_file', 'load_pca_file', 'main']
@@ -136,19 +136,7 @@ def save_pca_file(path: str, bases: torch.Tensor, groups: torch.Tensor | None, r
             'resolution': int(resolution)}
     if source is not None:
         data['source'] = dict(source)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    dnnlib.util.atomic_write(path, lambda f: torch.save(data, f))
 
 
 def load_pca_file(path: str) -> dict:

@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 import pickle
-import tempfile
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -89,21 +88,7 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float, raw_pref
             p_ema.copy_(p_net.detach().lerp(p_ema, beta))
 
 
-def atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Write a file through `write(binary_file)` into a temporary file in the same folder, then rename it into
-    place, so a crash never leaves a truncated snapshot or state behind."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+atomic_write = dnnlib.util.atomic_write   # re-exported: snapshots and states are written through it
 
 
 # ---------------------------------------------------------------------------------------------------------------------
