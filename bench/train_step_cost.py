@@ -187,6 +187,28 @@ def table(rows: list[dict[str, Any]], time_label: str, mem_label: str) -> str:
     return '\n'.join(out)
 
 
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    """Bar chart of the time and memory ratios to EDMLoss, one group of bars per net."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    nets = list(dict.fromkeys(r['net'] for r in rows))
+    kinds = [k for k in dict.fromkeys(r['kind'] for r in rows) if k != 'edm']
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, title in [(axes[0], 'time_ratio', 'step time / EDMLoss'), (axes[1], 'mem_ratio', 'peak memory / EDMLoss')]:
+        width = 0.8 / max(len(kinds), 1)
+        for i, kind in enumerate(kinds):
+            values = [next((r[key] for r in rows if r['net'] == n and r['kind'] == kind), float('nan')) for n in nets]
+            ax.bar([j + i * width for j in range(len(nets))], values, width, label=kind)
+        ax.axhline(1.0, color='k', lw=0.8)
+        ax.set_xticks([j + width * (len(kinds) - 1) / 2 for j in range(len(nets))], nets)
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 @click.command()
 @click.option('--nets', help='Comma-separated nets (tiny, cifar)', default='tiny,cifar', show_default=True)
 @click.option('--batch', help='Batch per step', type=click.IntRange(min=1), default=16, show_default=True)
@@ -197,8 +219,9 @@ def table(rows: list[dict[str, Any]], time_label: str, mem_label: str) -> str:
 @click.option('--threads', help='CPU threads', type=click.IntRange(min=1))
 @click.option('--memory/--no-memory', help='Also measure peak memory (one process per configuration)', default=True,
               show_default=True)
+@click.option('--plot', 'plot_path', help='Also write a PNG bar chart of the ratios here', metavar='PNG', type=str)
 def main(nets: str, batch: int, steps: int, cbase: int | None, device: str | None, threads: int | None,
-         memory: bool) -> None:
+         memory: bool, plot_path: str | None) -> None:
     """Print a markdown table of step time and peak memory per loss, with ratios to EDMLoss."""
     dev = misc.pick_device(device)
     rows = []
@@ -210,6 +233,9 @@ def main(nets: str, batch: int, steps: int, cbase: int | None, device: str | Non
     print(f'device={dev} batch={batch} threads={threads or torch.get_num_threads()}'
           + (f' cifar model_channels={cbase}' if cbase else ''))
     print(table(rows, 'wall s/step' if dev.type == 'cuda' else 'CPU s/step', mem_label))
+    if plot_path:
+        plot(rows, plot_path)
+        print(f'Wrote {plot_path}')
 
 
 if __name__ == '__main__':
