@@ -553,11 +553,14 @@ def build_cli() -> click.Command:
     """The generate.py command: the base options plus the options of every registered sampler."""
     registry.load_plugins()
     params = _base_options()
-    sections = []
+    owners = registry.option_owners(registry.SAMPLERS)
+    sections: dict[str, list[str]] = {}
     for entry in registry.SAMPLERS.values():
-        if entry.options:
-            params += entry.options
-            sections.append((f'Options of --sampler={entry.name}', [o.name for o in entry.options]))
+        for opt in entry.options:            # an option shared by several samplers is listed once, under all of them
+            if opt.name not in {p.name for p in params}:
+                params.append(opt)
+                sections.setdefault(f'Options of --sampler={owners[opt.name][0]}', []).append(opt.name)
+    sections = list(sections.items())
     epilog_lines = [f'{name}: {e.help}' for name, e in sorted(registry.SAMPLERS.items()) if e.help]
     return _SectionedCommand(
         name='generate', params=params, callback=_run, sections=sections,

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from edm_aniso.path import NoisePath, SchedulePath
 from edm_aniso.subspace import dct_matrix
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -179,7 +180,42 @@ def ratio_levels(log_ratio: Callable[[torch.Tensor], torch.Tensor]) -> LevelsFn:
         else:
             r = r[None]
         return torch.stack([sigmas * r.exp(), sigmas * (-r).exp()])  # [2, B|1, N]
+    levels.log_ratio = log_ratio        # RatioPath evaluates the split at any level
     return levels
+
+
+class RatioPath(NoisePath):
+    """The noise path of an oracle whose split is given by a log-ratio function (``ratio_levels``):
+    a = sigma e^r, b = sigma e^-r with r = log_ratio(sigma) (or the sample's row of a [K, ...] result).
+    kappa_a = 1 + dr/d ln sigma, kappa_b = 1 - dr/d ln sigma (by autograd). There is no schedule time."""
+
+    def __init__(self, net: 'OracleNet', class_labels: Optional[torch.Tensor], batch: int, device=None) -> None:
+        rows, basis_id = net.rows_for(class_labels, batch)
+        super().__init__(net.subspace, basis_id, batch, (net.img_channels, net.img_resolution, net.img_resolution),
+                         net.sigma_min, net.sigma_max, 'cpu' if device is None else device)
+        self.log_ratio = getattr(net.levels_fn, 'log_ratio', None)
+        if self.log_ratio is None:
+            raise ValueError('this oracle\'s levels function has no log_ratio: build it with ratio_levels')
+        self.rows = rows
+
+    def _ratio(self, s: torch.Tensor) -> torch.Tensor:
+        r = torch.as_tensor(self.log_ratio(s.reshape(-1)), dtype=torch.float64)
+        if r.ndim == 2:                              # one split per class: each sample its own row
+            rows = self.rows.reshape(-1, *([1] * (s.ndim - 1))).expand_as(s).reshape(-1)
+            r = r[rows, torch.arange(rows.shape[0])]
+        return r.reshape(s.shape)
+
+    def split(self, sigma):
+        s = self.levels(sigma)
+        r = self._ratio(s)
+        return s * r.exp(), s * (-r).exp()
+
+    def log_slopes(self, sigma):
+        s = self.levels(sigma).detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            dr = torch.autograd.grad(self._ratio(s).sum(), s, allow_unused=True)[0]
+        dr = torch.zeros_like(s) if dr is None else dr * s.detach()
+        return 1 + dr, 1 - dr
 
 
 def knot_split(lg: torch.Tensor, lh: torch.Tensor, tau: torch.Tensor, sigmas: torch.Tensor,
@@ -188,14 +224,11 @@ def knot_split(lg: torch.Tensor, lh: torch.Tensor, tau: torch.Tensor, sigmas: to
 
     Differentiable in the log-knots (method.md §6 step 2); rows None evaluates every row of the bank.
     """
-    from edm_aniso.schedule import evaluate_log_knots, geometric_mean_log_knots, inverse_log_knots
+    from edm_aniso.schedule import split_at_levels
     rows = torch.arange(lg.shape[0], device=lg.device) if rows is None else rows.to(lg.device)
     rr = rows[:, None].expand(-1, sigmas.shape[0])
-    v = (sigmas.to(lg.dtype) ** 2)[None].expand_as(rr)
-    t = inverse_log_knots(geometric_mean_log_knots(lg, lh), tau, v, rr)
-    g, _ = evaluate_log_knots(lg, tau, t, rr)
-    h, _ = evaluate_log_knots(lh, tau, t, rr)
-    return torch.stack([g.sqrt(), h.sqrt()]).to(torch.float64)
+    _, a, b = split_at_levels(lg, lh, tau, sigmas.to(lg.dtype)[None].expand_as(rr), rr)
+    return torch.stack([a, b]).to(torch.float64)
 
 
 def schedule_levels(schedule_g, schedule_h) -> LevelsFn:
@@ -236,6 +269,12 @@ class OracleNet(torch.nn.Module):
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
+
+    def noise_path(self, class_labels: Optional[torch.Tensor], batch: int, device=None) -> NoisePath:
+        """The oracle's path (edm_aniso.path): its knot schedules, or its ratio-levels split."""
+        if self.schedule_g is not None:
+            return SchedulePath(self, class_labels, batch, 'cpu' if device is None else device)
+        return RatioPath(self, class_labels, batch, device)
 
     def rows_for(self, class_labels: Optional[torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(schedule row, basis id) per sample; labels one-hot → argmax, unconditional → zeros."""
@@ -351,5 +390,5 @@ def exact_end_ratio(variances: torch.Tensor, sigma_max: float = 80.0) -> torch.T
 
 
 __all__ = ['to_dct', 'from_dct', 'power_law_variances', 'low_block_mask', 'MaskedDCTSubspace', 'DCTGaussian',
-           'DCTGaussianMixture', 'ratio_levels', 'knot_split', 'schedule_levels', 'OracleNet', 'heun_factors', 'frechet_diag', 'frechet_samples',
+           'DCTGaussianMixture', 'ratio_levels', 'RatioPath', 'knot_split', 'schedule_levels', 'OracleNet', 'heun_factors', 'frechet_diag', 'frechet_samples',
            'exact_end_ratio']

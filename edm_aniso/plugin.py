@@ -14,6 +14,7 @@ mid-run, no EMA ramp.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Any, Optional
@@ -207,7 +208,8 @@ registry.register_precond(registry.PrecondEntry(
     name='aniso', configure=configure, options=OPTIONS,
     help='learned anisotropic noise schedules (edm_aniso, method.md)'))
 
-# Samplers: engineer C's module lists its entries; register each.
-from edm_aniso import sampler as _sampler   # noqa: E402
-for _entry in getattr(_sampler, 'SAMPLER_ENTRIES', []):
-    registry.register_sampler(_entry)
+# Samplers: each sampler module lists its entries in SAMPLER_ENTRIES; register them all.
+SAMPLER_MODULES = ['edm_aniso.sampler']
+for _name in SAMPLER_MODULES:
+    for _entry in getattr(importlib.import_module(_name), 'SAMPLER_ENTRIES', []):
+        registry.register_sampler(_entry)

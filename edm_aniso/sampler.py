@@ -13,35 +13,15 @@ from typing import Any, Callable, Optional
 import click
 import torch
 
-from edm_aniso.schedule import karras_sigmas
+from edm_aniso.path import GRID_KINDS, PathDenoiser, edm_sigma_grid, noise_path
 
 try:
     from training.registry import SamplerEntry
 except ImportError:      # inside upstream NVlabs/edm (patches/), whose training package has no registry
     SamplerEntry = None
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Grids.
-
-
-def edm_sigma_grid(num_steps: int, sigma_min: float, sigma_max: float, rho: float,
-                   device: torch.device | str = 'cpu') -> torch.Tensor:
-    """EDM's ρ-grid σ_0 = sigma_max > … > σ_{N−1} = sigma_min in float64 (method.md §6 step 1); N = 1 gives [sigma_max].
-
-    The grid itself is ``edm_aniso.schedule.karras_sigmas``; this wrapper adds the N = 1 case and the ρ check."""
-    if num_steps < 1:
-        raise ValueError(f'num_steps must be >= 1, got {num_steps}')
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f'need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}')
-    if rho <= 0:
-        raise ValueError(f'rho must be > 0, got {rho}')
-    if num_steps == 1:   # the first level of the formula, (sigma_max^(1/rho))^rho, as for N >= 2
-        return torch.full([1], sigma_max ** (1 / rho), dtype=torch.float64, device=device) ** rho
-    return karras_sigmas(num_steps, sigma_min, sigma_max, rho, dtype=torch.float64, device=device)
-
-
 def _clamp_range(net: Any, sigma_min: Optional[float], sigma_max: Optional[float]) -> tuple[float, float]:
-    """EDM's clamp of the σ range to what the network supports."""
+    """EDM's clamp of the sigma range to what the network supports."""
     sigma_min = 0.002 if sigma_min is None else sigma_min
     sigma_max = 80.0 if sigma_max is None else sigma_max
     return max(sigma_min, float(net.sigma_min)), min(sigma_max, float(net.sigma_max))
@@ -102,77 +82,43 @@ def _recorder(trajectory: Optional[str], seeds: Optional[list[int]], randn_like:
 @torch.no_grad()
 def aniso_heun(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
                randn_like: Callable = torch.randn_like,
-               num_steps: int = 18,                 # N: Karras levels, NFE = 2N − 1
+               num_steps: int = 18,                 # N: levels, NFE = 2N - 1
                sigma_min: Optional[float] = 0.002,  # lowest level (None: 0.002), clamped to net.sigma_min
                sigma_max: Optional[float] = 80.0,   # highest level (None: 80), clamped to net.sigma_max
-               rho: float = 7.0,                    # ρ of the EDM grid
+               rho: float = 7.0,                    # rho of the Karras grid
+               grid: str = 'karras',                # 'karras' | 'schedule' (edm_aniso.path.NoisePath.grid)
                trajectory: Optional[str] = None,    # directory for per-sample strips of denoised images (None: off)
                seeds: Optional[list[int]] = None,   # strip names (None: seeds of generate.py's generators, else a counter)
                callback: Optional[Callable[[dict], None]] = None,  # called with {'i', 'x', 'denoised', 'a', 'b'}
                **unused) -> torch.Tensor:
-    """Per-subspace Heun on EDM's σ grid mapped to each sample's schedule times (method.md §6), float64 output.
+    """Per-subspace Heun on the network's noise path (method.md §6), float64 output.
 
-    Step i: Δ = (a_{i+1} − a_i) P + (b_{i+1} − b_i) P_perp, x′ = x_i − Δ f(x_i; M_{t_i}); unless i = N − 1,
-    x_{i+1} = x_i − Δ (f(x_i; M_{t_i}) + f(x′; M_{t_{i+1}}))/2. Start x_0 = M_{t_0}^{1/2} z (= sigma_max z at t_0 = T).
+    Levels (a_i, b_i) from ``NoisePath.grid`` (EDM's sigma grid mapped to each sample's schedule times, or uniform
+    schedule time with grid='schedule'). Step i: Delta = (a_{i+1} - a_i) P + (b_{i+1} - b_i) P_perp,
+    x' = x_i - Delta f(x_i; M_i); unless i = N - 1, x_{i+1} = x_i - Delta (f(x_i; M_i) + f(x'; M_{i+1}))/2.
+    Start x_0 = M_0^{1/2} z. On an EDM network (a = b = sigma) every step is EDM's deterministic Heun step.
     """
-    sigma_min, sigma_max = _clamp_range(net, sigma_min, sigma_max)
-    sigmas = edm_sigma_grid(num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    path = noise_path(net, class_labels, latents)
+    lev = path.grid(num_steps, grid, sigma_min, sigma_max, rho)
+    den = PathDenoiser(net, path, class_labels)
     record = _recorder(trajectory, seeds, randn_like)
-    if not is_aniso(net):
-        x = _edm_heun(net, latents, class_labels, sigmas, record, callback)
-    else:
-        x = _aniso_heun(net, latents, class_labels, sigmas, record, callback)
-    if record is not None:
-        record.save(x)
-    return x
-
-
-def _edm_heun(net, latents, class_labels, sigmas, record, callback) -> torch.Tensor:
-    """The isotropic case g = h = σ² with an EDM network: EDM's deterministic Heun, term by term."""
-    t = torch.cat([net.round_sigma(sigmas), torch.zeros_like(sigmas[:1])])
-    n = len(sigmas)
-    x = latents.to(torch.float64) * t[0]
-    for i in range(n):
-        denoised = net(x, t[i], class_labels).to(torch.float64)
-        d = (x - denoised) / t[i]
-        x_next = x + (t[i + 1] - t[i]) * d
-        if record is not None:
-            record(denoised)
-        if callback is not None:
-            callback(dict(i=i, x=x, denoised=denoised, a=t[i], b=t[i]))
-        if i < n - 1:
-            d2 = (x_next - net(x_next, t[i + 1], class_labels).to(torch.float64)) / t[i + 1]
-            x_next = x + (t[i + 1] - t[i]) * (d + d2) / 2
-        x = x_next
-    return x
-
-
-def _aniso_heun(net, latents, class_labels, sigmas, record, callback) -> torch.Tensor:
-    batch = latents.shape[0]
-    a, b = net.levels(sigmas, class_labels)                               # [B or 1, N+1] float64
-    a = a.to(device=latents.device, dtype=torch.float64).expand(batch, -1)
-    b = b.to(device=latents.device, dtype=torch.float64).expand(batch, -1)
-    basis_id = net.rows_for(class_labels, batch)[1].to(latents.device)
-    sub = net.subspace
-    n = len(sigmas)
-
-    def flow(x, i):
-        return net.flow(x, a[:, i] ** 2, b[:, i] ** 2, class_labels, basis_id=basis_id).to(torch.float64)
-
-    x = sub.apply(latents.to(torch.float64), a[:, 0], b[:, 0], basis_id)
-    for i in range(n):
-        f = flow(x, i)
+    a, b = lev.a, lev.b
+    x = path.apply(latents.to(torch.float64), a[:, 0], b[:, 0])
+    for i in range(num_steps):
+        f = den.flow(x, a[:, i], b[:, i])
         da, db = a[:, i + 1] - a[:, i], b[:, i + 1] - b[:, i]
-        x_next = x - sub.apply(f, da, db, basis_id)
+        x_next = x - path.apply(f, da, db)
         if record is not None or callback is not None:
-            denoised = x + sub.apply(f, a[:, i], b[:, i], basis_id)       # D = x + M^{1/2} f
+            denoised = den.denoised_from_flow(x, f, a[:, i], b[:, i])
             if record is not None:
                 record(denoised)
             if callback is not None:
                 callback(dict(i=i, x=x, denoised=denoised, a=a[:, i], b=b[:, i]))
-        if i < n - 1:
-            x_next = x - sub.apply((f + flow(x_next, i + 1)) / 2, da, db, basis_id)
+        if i < num_steps - 1:
+            x_next = x - path.apply((f + den.flow(x_next, a[:, i + 1], b[:, i + 1])) / 2, da, db)
         x = x_next
+    if record is not None:
+        record.save(x)
     return x
 
 
@@ -183,55 +129,52 @@ def _aniso_heun(net, latents, class_labels, sigmas, record, callback) -> torch.T
 @torch.no_grad()
 def aniso_rk2(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
               randn_like: Callable = torch.randn_like,
-              num_steps: int = 18,                 # N intervals of a uniform t grid on [0, T]; NFE = 2N − 1
+              num_steps: int = 18,                 # N intervals of a uniform t grid on [0, T]; NFE = 2N - 1
               trajectory: Optional[str] = None,    # as in aniso_heun
               seeds: Optional[list[int]] = None,
               **unused) -> torch.Tensor:
     """Uniform-t two-stage RK2 per subspace (method.md §6, optional); sigma_min/sigma_max/rho do not apply.
 
-    t_j = j T / N, j = N … 0 (N intervals). This deviates from method.md §6's t_j = j T / (N − 1) on purpose: with N
-    intervals, N − 1 two-stage steps plus the final Euler step cost 2N − 1 evaluations, the same NFE as aniso_heun at
-    the same --steps (with T/(N − 1) it would be 2N − 3), so the two samplers compare at equal cost.
-    Per subspace with σ(t) = √g or √h: Δ_half = σ(t_m) − σ(t_k), Δ_full = σ(t_{k−1}) − σ(t_k), r = Δ_full/Δ_half,
-    x_m = x − Δ_half f_0, x_next = x − Δ_full (f_0 + (r/2)(f_m − f_0)); the last step is Euler to 0.
+    t_j = j T / N, j = N ... 0 (N intervals). This deviates from method.md §6's t_j = j T / (N - 1) on purpose: with N
+    intervals, N - 1 two-stage steps plus the final Euler step cost 2N - 1 evaluations, the same NFE as aniso_heun at
+    the same --steps (with T/(N - 1) it would be 2N - 3), so the two samplers compare at equal cost.
+    Per subspace with sigma(t) = sqrt(g) or sqrt(h): D_half = sigma(t_m) - sigma(t_k), D_full = sigma(t_{k-1}) -
+    sigma(t_k), r = D_full/D_half, x_m = x - D_half f_0, x_next = x - D_full (f_0 + (r/2)(f_m - f_0)); the last step is
+    Euler to 0.
     """
-    if not (hasattr(net, 'schedules') and is_aniso(net)):
-        raise ValueError('aniso_rk2 needs a network with learned schedules (--precond=aniso)')
     if num_steps < 1:
         raise ValueError(f'num_steps must be >= 1, got {num_steps}')
-    batch, dev = latents.shape[0], latents.device
+    batch = latents.shape[0]
+    path = noise_path(net, class_labels, latents)
+    if not path.has_schedule_time:
+        raise ValueError('aniso_rk2 needs a network with learned schedules (--precond=aniso)')
+    den, record = PathDenoiser(net, path, class_labels), _recorder(trajectory, seeds, randn_like)
     big_t = float(net.sigma_max) ** 2
-    basis_id = net.rows_for(class_labels, batch)[1].to(dev)
-    sub, record = net.subspace, _recorder(trajectory, seeds, randn_like)
 
-    def levels(t: float):
+    def levels(t: float) -> tuple[torch.Tensor, torch.Tensor]:
         if t <= 0:
-            z = torch.zeros(batch, dtype=torch.float64, device=dev)
+            z = torch.zeros(batch, dtype=torch.float64, device=latents.device)
             return z, z
-        g, _, h, _ = net.schedules(torch.full([batch], t, dtype=torch.float64, device=dev), class_labels)
-        return g.to(torch.float64).sqrt(), h.to(torch.float64).sqrt()
-
-    def flow(x, ab):
-        return net.flow(x, ab[0] ** 2, ab[1] ** 2, class_labels, basis_id=basis_id).to(torch.float64)
+        return path.split_at_time(t)
 
     ts = [big_t * j / num_steps for j in range(num_steps, -1, -1)]
     cur = levels(ts[0])
-    x = sub.apply(latents.to(torch.float64), cur[0], cur[1], basis_id)
+    x = path.apply(latents.to(torch.float64), cur[0], cur[1])
     for k in range(num_steps):
         nxt = levels(ts[k + 1])
-        f0 = flow(x, cur)
+        f0 = den.flow(x, *cur)
         if record is not None:
-            record(x + sub.apply(f0, cur[0], cur[1], basis_id))
+            record(den.denoised_from_flow(x, f0, *cur))
         full = (nxt[0] - cur[0], nxt[1] - cur[1])
         if k == num_steps - 1:
-            x = x - sub.apply(f0, full[0], full[1], basis_id)
+            x = x - path.apply(f0, full[0], full[1])
         else:
             mid = levels((ts[k] + ts[k + 1]) / 2)
             half = (mid[0] - cur[0], mid[1] - cur[1])
-            fm = flow(x - sub.apply(f0, half[0], half[1], basis_id), mid)
-            # Per subspace: x − Δ_full f0 − (Δ_full r / 2)(fm − f0), with r = Δ_full / Δ_half.
-            x = x - sub.apply(f0, full[0], full[1], basis_id) \
-                - sub.apply(fm - f0, full[0] ** 2 / (2 * half[0]), full[1] ** 2 / (2 * half[1]), basis_id)
+            fm = den.flow(x - path.apply(f0, half[0], half[1]), *mid)
+            # Per subspace: x - D_full f0 - (D_full r / 2)(fm - f0), with r = D_full / D_half.
+            x = x - path.apply(f0, full[0], full[1]) \
+                - path.apply(fm - f0, full[0] ** 2 / (2 * half[0]), full[1] ** 2 / (2 * half[1]))
         cur = nxt
     if record is not None:
         record.save(x)
@@ -247,11 +190,12 @@ def _opt(opts: Any, name: str, default=None):
     return default if value is None else value
 
 
-def check_options(net: Any, opts: Any, needs_aniso: bool = False, sampler: str = 'aniso_heun') -> None:
-    """One clear ``click.ClickException`` for an unusable network/option pair."""
+def check_options(net: Any, opts: Any, needs_aniso: bool = False, sampler: str = 'aniso_heun',
+                  min_steps: int = 1) -> None:
+    """One clear ``click.ClickException`` for an unusable network/option pair (shared by every noise-path sampler)."""
     steps = _opt(opts, 'num_steps', 18)
-    if steps < 1:
-        raise click.ClickException(f'--steps must be >= 1 for --sampler={sampler}, got {steps}')
+    if steps < min_steps:
+        raise click.ClickException(f'--steps must be >= {min_steps} for --sampler={sampler}, got {steps}')
     sigma_min, sigma_max = _opt(opts, 'sigma_min', 0.002), _opt(opts, 'sigma_max', 80.0)
     if not 0 < sigma_min < sigma_max:
         raise click.ClickException(f'--sampler={sampler} needs 0 < --sigma_min < --sigma_max, '
@@ -262,9 +206,16 @@ def check_options(net: Any, opts: Any, needs_aniso: bool = False, sampler: str =
                                    f'--sigma_min/--sigma_max leave an empty range')
     if _opt(opts, 'rho', 7.0) <= 0:
         raise click.ClickException(f'--rho must be > 0, got {_opt(opts, "rho")}')
-    if needs_aniso and not (is_aniso(net) and hasattr(net, 'schedules')):
+    learned = getattr(net, 'schedule_g', None) is not None or hasattr(net, 'noise_path')
+    if needs_aniso and not (is_aniso(net) and learned):
         raise click.ClickException(f'--sampler={sampler} needs a network trained with --precond=aniso '
                                    f'(got {type(net).__name__})')
+    grid = _opt(opts, 'grid', 'karras')
+    if grid not in GRID_KINDS:
+        raise click.ClickException(f'--grid must be one of {", ".join(GRID_KINDS)}, got {grid!r}')
+    if grid == 'schedule' and getattr(net, 'schedule_g', None) is None:
+        raise click.ClickException(f'--grid=schedule needs a network with a learned schedule (--precond=aniso); '
+                                   f'{type(net).__name__} has only the Karras grid')
 
 
 def _check_heun(net: Any, opts: Any) -> None:
@@ -275,17 +226,20 @@ def _check_rk2(net: Any, opts: Any) -> None:
     check_options(net, opts, needs_aniso=True, sampler='aniso_rk2')
 
 
-def _trajectory_option() -> click.Option:
-    return click.Option(['--trajectory'], help='Save a strip PNG of the denoised estimate at every step per seed here',
-                        metavar='DIR', type=str, default=None)
-
+# Options shared by the samplers on the noise path (one click.Option object each: generate.py lists a shared option
+# once, under all its samplers).
+TRAJECTORY_OPTION = click.Option(['--trajectory'], help='Save a strip PNG of the denoised estimate at every step per '
+                                 'seed here', metavar='DIR', type=str, default=None)
+GRID_OPTION = click.Option(['--grid'], help='Sampler levels: karras = EDM\'s sigma grid (rho), schedule = uniform time '
+                           'of the learned schedule  [default: karras]', type=click.Choice(list(GRID_KINDS)),
+                           default=None)
 
 SAMPLER_ENTRIES: list = [] if SamplerEntry is None else [
-    SamplerEntry(name='aniso_heun', sample=aniso_heun, options=[_trajectory_option()], check=_check_heun,
-                 help='per-subspace Heun on the EDM grid mapped through the learned schedules (NFE 2N-1)'),
-    SamplerEntry(name='aniso_rk2', sample=aniso_rk2, options=[], check=_check_rk2,
-                 help='uniform-t RK2 on the learned schedules (NFE 2N-1)'),
+    SamplerEntry(name='aniso_heun', sample=aniso_heun, options=[GRID_OPTION, TRAJECTORY_OPTION], check=_check_heun,
+                 help='per-subspace Heun on the network\'s noise path (NFE 2N-1, N >= 1); EDM networks: EDM Heun'),
+    SamplerEntry(name='aniso_rk2', sample=aniso_rk2, options=[TRAJECTORY_OPTION], check=_check_rk2,
+                 help='uniform-t RK2 on the learned schedules (NFE 2N-1, N >= 1)'),
 ]
 
 __all__ = ['aniso_heun', 'aniso_rk2', 'edm_sigma_grid', 'is_aniso', 'check_options', 'TrajectoryRecorder',
-           'SAMPLER_ENTRIES']
+           'SAMPLER_ENTRIES', 'GRID_OPTION', 'TRAJECTORY_OPTION']

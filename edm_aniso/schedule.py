@@ -121,6 +121,19 @@ def inverse_log_knots(log_knots: torch.Tensor, tau: torch.Tensor, v: torch.Tenso
     return t_lo + s * (t_hi - t_lo)
 
 
+def split_at_levels(lg: torch.Tensor, lh: torch.Tensor, tau: torch.Tensor, sigma: torch.Tensor,
+                    rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t, a, b) at effective levels sigma: t = F^{-1}(sigma^2) with F = sqrt(g h), a = sqrt(g(t)), b = sqrt(h(t))
+    (method.md §6 step 2), elementwise; sigma and rows broadcastable, lg/lh [R, K] log-knots of g and h.
+
+    Since a b = F(t) = sigma^2 exactly, the schedules only choose the split a/b at each level. Differentiable in the
+    log-knots. This is the one implementation behind AnisoPrecond.levels, the noise paths and the exact oracles."""
+    t = inverse_log_knots(geometric_mean_log_knots(lg, lh), tau, torch.as_tensor(sigma).square(), rows)
+    a = evaluate_log_knots(lg, tau, t, rows)[0].sqrt()
+    b = evaluate_log_knots(lh, tau, t, rows)[0].sqrt()
+    return t, a, b
+
+
 def inverse_log_knots_bisection(log_knots: torch.Tensor, tau: torch.Tensor, v: torch.Tensor,
                                 rows: torch.Tensor | None = None, iters: int = 80) -> torch.Tensor:
     """Inverse by bisection on t (the reference's method); a fallback and cross-check for inverse_log_knots."""

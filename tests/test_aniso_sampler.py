@@ -239,3 +239,29 @@ def test_generate_runs_aniso_heun_with_trajectory(tmp_path):
     strip = np.array(PIL.Image.open(tmp_path / 'traj' / '000007-traj.png'))
     assert strip.shape == (8, 8 * 4, 3)
     assert np.array_equal(strip[:, 24:], np.array(PIL.Image.open(tmp_path / 'img' / '000007.png')))
+
+
+def test_schedule_grid_heun_is_product_of_step_factors():
+    """--grid=schedule: levels at uniform schedule time; each Heun step is still the exact per-coefficient factor."""
+    from edm_aniso.path import noise_path
+    from edm_aniso.schedule import KnotSchedule
+    lam = G.power_law_variances(1, 8)
+    sg, sh = KnotSchedule(dtype=torch.float64), KnotSchedule(dtype=torch.float64)
+    with torch.no_grad():
+        sg.u.add_(0.4 * torch.randn(sg.u.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+        sh.u.add_(0.4 * torch.randn(sh.u.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64))
+    net = G.OracleNet(G.DCTGaussian(lam), schedule_g=sg, schedule_h=sh)
+    z = unit_latent(1, 8)
+    lev = noise_path(net, None, z).grid(9, 'schedule')
+    coef = G.to_dct(aniso_heun(net, z, num_steps=9, grid='schedule'))[0]
+    levels = block_levels(G.low_block_mask(8), lev.a[0], lev.b[0])[None]
+    assert torch.allclose(coef, G.heun_factors(lam, levels) * levels[..., 0], rtol=1e-10, atol=1e-12)
+    karras = G.to_dct(aniso_heun(net, z, num_steps=9))[0]
+    assert not torch.allclose(coef, karras, rtol=1e-3)
+
+
+def test_schedule_grid_refused_for_edm_networks():
+    net = EDMView(G.OracleNet(G.DCTGaussian(G.power_law_variances(1, 8))))
+    heun = next(e for e in SAMPLER_ENTRIES if e.name == 'aniso_heun')
+    with pytest.raises(click.ClickException, match='--grid=schedule needs a network with a learned schedule'):
+        heun.check(net, dict(num_steps=4, grid='schedule'))

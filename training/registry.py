@@ -61,12 +61,19 @@ def load_plugins() -> None:
 
 
 def option_owners(entries: dict) -> dict[str, tuple[str, str]]:
-    """Map each plugin option's parameter name to (owning entry's name, the option as spelled on the command line)."""
-    return {opt.name: (entry.name, opt.opts[0]) for entry in entries.values() for opt in entry.options}
+    """Map each plugin option's parameter name to (its owners' names joined by '|', the option as spelled on the
+    command line). Several entries may share one option (the same click.Option object, or one of the same name)."""
+    owners: dict[str, tuple[list, str]] = {}
+    for entry in entries.values():
+        for opt in entry.options:
+            names, spelled = owners.setdefault(opt.name, ([], opt.opts[0]))
+            if entry.name not in names:
+                names.append(entry.name)
+    return {name: ('|'.join(names), spelled) for name, (names, spelled) in owners.items()}
 
 
 def check_foreign_options(entries: dict, selected: str, opts: dict, flag: str) -> None:
-    """Refuse a value given to an option that belongs to an entry other than the selected one."""
+    """Refuse a value given to an option that belongs only to entries other than the selected one."""
     for param, (owner, spelled) in option_owners(entries).items():
-        if owner != selected and opts.get(param) is not None:
+        if selected not in owner.split('|') and opts.get(param) is not None:
             raise click.ClickException(f'{spelled} applies only to {flag}={owner} (got {flag}={selected})')
