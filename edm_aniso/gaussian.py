@@ -150,15 +150,16 @@ class DCTGaussianMixture:
         return from_dct(self.means[j] + z * self.variances.sqrt())
 
     def denoise_dct(self, coef: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
-        """Σ_j w_j(x) (μ_j + λ/(λ + m)(x − μ_j)), with posterior weights w_j ∝ N(x; μ_j, Λ + M)."""
-        mu = self.means.to(coef.device)[None]                  # [1, J, C, H, W]
-        var = self.variances.to(coef.device) + noise_var       # [B, C, H, W] (or broadcastable)
-        var = var.expand_as(coef)[:, None]
-        diff = coef[:, None] - mu
-        logw = -0.5 * (diff ** 2 / var).flatten(2).sum(-1)     # shared covariance: log-determinants cancel
-        w = torch.softmax(logw, dim=1).reshape(*logw.shape, 1, 1, 1)
-        shrink = self.variances.to(coef.device) / var
-        return (w * (mu + shrink * diff)).sum(1)
+        """Σ_j w_j(x) (μ_j + s (x − μ_j)) = s x + (1 − s) Σ_j w_j μ_j with s = λ/(λ + m) and posterior weights
+        w_j ∝ N(x; μ_j, Λ + M). The covariance is shared, so log w_j = Σ_k (x_k μ_jk − μ_jk²/2)/(λ_k + m_k) + const:
+        two matrix products over the coefficients, no [B, J, C, H, W] tensor."""
+        lam = self.variances.to(coef.device)
+        mu = self.means.to(coef.device).flatten(1)                       # [J, d]
+        inv_var = (1 / (lam + noise_var)).expand_as(coef).flatten(1)     # [B, d]
+        logw = (coef.flatten(1) * inv_var) @ mu.T - 0.5 * inv_var @ mu.square().T
+        w = torch.softmax(logw, dim=1)                                   # [B, J]
+        shrink = (lam / (lam + noise_var)).expand_as(coef)
+        return shrink * coef + (1 - shrink) * (w @ mu).reshape(coef.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -383,6 +384,18 @@ def frechet_samples(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(mu @ mu + np.trace(ca + cb - 2 * np.real(root)))
 
 
+def exact_denoised_gain(variances: torch.Tensor, mask: torch.Tensor, start: tuple, end: tuple) -> torch.Tensor:
+    """Per-coefficient gain of the exact solve that every sampler ending with x_N = D(x_{N-1}) converges to: the
+    prior sample s_0 z, the exact PF-ODE x(s) = s_0 z √((λ + s²)/(λ + s_0²)) in each block's clock down to s_end
+    (method.md §9.6), then the exact denoiser λ/(λ + s_end²). ``start`` = (a_0, b_0), ``end`` = (a_end, b_end) are
+    the levels on P (``mask``) and on P_perp."""
+    lam, on_p = variances.to(torch.float64), mask.bool()
+    f64 = lambda v: torch.as_tensor(v, dtype=torch.float64)           # noqa: E731
+    s0 = torch.where(on_p, f64(start[0]), f64(start[1]))
+    s1 = torch.where(on_p, f64(end[0]), f64(end[1]))
+    return s0 * ((lam + s1 ** 2) / (lam + s0 ** 2)).sqrt() * lam / (lam + s1 ** 2)
+
+
 def exact_end_ratio(variances: torch.Tensor, sigma_max: float = 80.0) -> torch.Tensor:
     """The exact PF-ODE gain √(λ/(λ + σ_max²)) from x_T = σ_max z to t = 0 (method.md §9.6)."""
     lam = variances.to(torch.float64)
@@ -391,4 +404,4 @@ def exact_end_ratio(variances: torch.Tensor, sigma_max: float = 80.0) -> torch.T
 
 __all__ = ['to_dct', 'from_dct', 'power_law_variances', 'low_block_mask', 'MaskedDCTSubspace', 'DCTGaussian',
            'DCTGaussianMixture', 'ratio_levels', 'RatioPath', 'knot_split', 'schedule_levels', 'OracleNet', 'heun_factors', 'frechet_diag', 'frechet_samples',
-           'exact_end_ratio']
+           'exact_end_ratio', 'exact_denoised_gain']

@@ -143,18 +143,10 @@ def test_merged_levels_are_skipped():
 # Observed orders on exact Gaussians.
 
 
-def exact_denoised_end(net, lam, z_coef=1.0):
-    """Per DCT coefficient, D(x(s_min); s_min) for the exact PF-ODE: x(s) = s_0 z sqrt((lam + s^2)/(lam + s_0^2)) in
-    each block's clock s (method.md §9.6), then the exact denoiser lam/(lam + s_min^2). Every sampler here ends with
-    x_N = D_{N-1}, so this is the limit of a fine solve."""
-    res = lam.shape[-1]
-    path = noise_path(net, None, torch.zeros(1, 1, res, res))
-    lev = path.grid(2, 'karras')
-    mask = net.subspace.masks[0].bool()
-    s0 = torch.where(mask, lev.a[0, 0], lev.b[0, 0])
-    s1 = torch.where(mask, lev.a[0, 1], lev.b[0, 1])
-    lam = lam[0]
-    return lam / (lam + s1 ** 2) * s0 * z_coef * ((lam + s1 ** 2) / (lam + s0 ** 2)).sqrt()
+def exact_denoised_end(net, lam):
+    """The limit of a fine solve (G.exact_denoised_gain) for the net's Karras levels 80 -> 0.002."""
+    lev = noise_path(net, None, torch.zeros(1, *lam.shape)).grid(2, 'karras')
+    return G.exact_denoised_gain(lam[0], net.subspace.masks[0], (lev.a[0, 0], lev.b[0, 0]), (lev.a[0, 1], lev.b[0, 1]))
 
 
 def observed_order(fn, net, lam, steps):
