@@ -373,15 +373,23 @@ def frechet_diag(var_a: torch.Tensor, var_b: torch.Tensor) -> float:
     return float(((var_a.sqrt() - var_b.sqrt()) ** 2).sum())
 
 
+def frechet_gaussians(mu_a: torch.Tensor, cov_a: torch.Tensor, mu_b: torch.Tensor, cov_b: torch.Tensor) -> float:
+    """Fréchet distance ‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½) between two Gaussians (float64). The trace of
+    the root is Σ √eig(R Σ_b R) with R = Σ_a^½ (both symmetric PSD: two eigen-decompositions, no general sqrtm)."""
+    mu_a, mu_b = mu_a.to(torch.float64), mu_b.to(torch.float64)
+    cov_a, cov_b = cov_a.to(torch.float64), cov_b.to(torch.float64)
+    w, v = torch.linalg.eigh(cov_a)
+    root_a = (v * w.clamp_min(0).sqrt()) @ v.T
+    inner = root_a @ cov_b @ root_a
+    trace_root = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_root)
+
+
 def frechet_samples(x: torch.Tensor, y: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two sample sets [n, ...] (as FID does for features)."""
-    import scipy.linalg
-    a = x.reshape(x.shape[0], -1).double().cpu().numpy()
-    b = y.reshape(y.shape[0], -1).double().cpu().numpy()
-    mu = a.mean(0) - b.mean(0)
-    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = scipy.linalg.sqrtm(ca @ cb, disp=False)
-    return float(mu @ mu + np.trace(ca + cb - 2 * np.real(root)))
+    a = x.reshape(x.shape[0], -1).to(torch.float64)
+    b = y.reshape(y.shape[0], -1).to(torch.float64)
+    return frechet_gaussians(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
 
 
 def exact_denoised_gain(variances: torch.Tensor, mask: torch.Tensor, start: tuple, end: tuple) -> torch.Tensor:
@@ -403,5 +411,6 @@ def exact_end_ratio(variances: torch.Tensor, sigma_max: float = 80.0) -> torch.T
 
 
 __all__ = ['to_dct', 'from_dct', 'power_law_variances', 'low_block_mask', 'MaskedDCTSubspace', 'DCTGaussian',
-           'DCTGaussianMixture', 'ratio_levels', 'RatioPath', 'knot_split', 'schedule_levels', 'OracleNet', 'heun_factors', 'frechet_diag', 'frechet_samples',
+           'DCTGaussianMixture', 'ratio_levels', 'RatioPath', 'knot_split', 'schedule_levels', 'OracleNet', 'heun_factors', 'frechet_diag', 'frechet_gaussians',
+           'frechet_samples',
            'exact_end_ratio', 'exact_denoised_gain']

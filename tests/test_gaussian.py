@@ -35,3 +35,17 @@ def test_exact_denoised_gain_solves_the_ode():
     d = lam[0] / (lam[0] + s[..., -1] ** 2) * x
     gain = G.exact_denoised_gain(lam[0], mask, (a[0], b[0]), (a[-1], b[-1]))
     assert torch.allclose(gain, d, rtol=1e-6)
+
+
+def test_frechet_samples_matches_the_sqrtm_formula():
+    import numpy as np
+    import scipy.linalg
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 2, 4, 4, dtype=torch.float64, generator=gen)
+    y = 0.8 * x.roll(1, dims=0) + 0.5 * torch.randn(300, 2, 4, 4, dtype=torch.float64, generator=gen) + 0.1
+    a, b = x.reshape(300, -1).numpy(), y.reshape(300, -1).numpy()
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = np.real(scipy.linalg.sqrtm(ca @ cb))
+    expect = float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * root))
+    assert abs(G.frechet_samples(x, y) - expect) <= 1e-9 * expect
+    assert abs(G.frechet_samples(x, x)) < 1e-9
