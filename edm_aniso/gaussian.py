@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 
 from edm_aniso.path import NoisePath, SchedulePath
