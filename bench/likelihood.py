@@ -29,34 +29,9 @@ sys.path.insert(0, ROOT)
 from edm_aniso import gaussian as G                           # noqa: E402
 from edm_aniso.likelihood import bits_per_dim, elbo_nll, ode_nll, rademacher   # noqa: E402
 from edm_aniso.path import noise_path                         # noqa: E402
-from edm_aniso.schedule import KnotSchedule                   # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Part 1: exact Gaussian.
-
-
-class EDMView(torch.nn.Module):
-    """The oracle behind EDM's call only (SigmaPath)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.sigma_min, self.sigma_max, self.label_dim, self.sigma_data = net, 0.0, float('inf'), 0, 0.5
-        self.img_channels, self.img_resolution = net.img_channels, net.img_resolution
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
-
-    def forward(self, x, sigma, class_labels=None):
-        return self.net(x, sigma)
-
-
-def knot_oracle(dist, seed: int, scale: float) -> G.OracleNet:
-    sg, sh = KnotSchedule(dtype=torch.float64), KnotSchedule(dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        sg.u.add_(scale * torch.randn(sg.u.shape, generator=gen, dtype=torch.float64))
-        sh.u.add_(scale * torch.randn(sh.u.shape, generator=gen, dtype=torch.float64))
-    return G.OracleNet(dist, schedule_g=sg, schedule_h=sh)
 
 
 def noise_per_coefficient(net, x, sigma, mask):
@@ -73,9 +48,9 @@ def exact_gaussian_rows(num: int) -> list[list[str]]:
     d = x[0].numel()
     exact = G.gaussian_nll(lam, x)
     rows = []
-    for name, net in [('EDM path (a = b = sigma)', EDMView(G.OracleNet(dist))),
-                      ('anisotropic path A', knot_oracle(dist, 3, 0.4)),
-                      ('anisotropic path B', knot_oracle(dist, 11, 0.8))]:
+    for name, net in [('EDM path (a = b = sigma)', G.SigmaView(G.OracleNet(dist))),
+                      ('anisotropic path A', G.random_knot_oracle(dist, 3, 0.4)),
+                      ('anisotropic path B', G.random_knot_oracle(dist, 11, 0.8))]:
         t0 = time.process_time()
         ode = ode_nll(net, x, trace='exact')
         t_ode = time.process_time() - t0

@@ -344,6 +344,36 @@ class OracleNet(torch.nn.Module):
         return self.subspace.apply(d - x.to(torch.float64), g.rsqrt(), h.rsqrt(), basis_id)
 
 
+def random_knot_oracle(dist, seed: int, scale: float = 0.4, label_dim: int = 0) -> OracleNet:
+    """An oracle with random anisotropic knot schedules: u of g and h perturbed by ``scale`` standard normals (one
+    bank row per class when label_dim > 0, every class on the one low-block basis), float64."""
+    from edm_aniso.schedule import KnotSchedule
+    rows = max(label_dim, 1)
+    sg, sh = KnotSchedule(num_rows=rows, dtype=torch.float64), KnotSchedule(num_rows=rows, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sg.u.add_(scale * torch.randn(sg.u.shape, generator=gen, dtype=torch.float64))
+        sh.u.add_(scale * torch.randn(sh.u.shape, generator=gen, dtype=torch.float64))
+    return OracleNet(dist, schedule_g=sg, schedule_h=sh, label_dim=label_dim, basis_of_class=[0] * rows)
+
+
+class SigmaView(torch.nn.Module):
+    """An oracle behind EDM's call only, net(x, sigma, class_labels), like an EDMPrecond: its noise path is then the
+    SigmaPath a = b = sigma (edm_aniso.path)."""
+
+    def __init__(self, net: OracleNet):
+        super().__init__()
+        self.net = net
+        self.sigma_min, self.sigma_max, self.label_dim, self.sigma_data = 0.0, float('inf'), 0, net.sigma_data
+        self.img_channels, self.img_resolution = net.img_channels, net.img_resolution
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.net(x, sigma)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Closed-form sampler factors and Fréchet distances.
 
@@ -420,4 +450,5 @@ def exact_end_ratio(variances: torch.Tensor, sigma_max: float = 80.0) -> torch.T
 
 __all__ = ['to_dct', 'from_dct', 'power_law_variances', 'low_block_mask', 'MaskedDCTSubspace', 'DCTGaussian',
            'DCTGaussianMixture', 'ratio_levels', 'RatioPath', 'knot_split', 'schedule_levels', 'OracleNet', 'heun_factors', 'frechet_diag', 'frechet_samples',
-           'exact_end_ratio', 'gaussian_nll', 'gaussian_elbo']
+           'exact_end_ratio', 'gaussian_nll', 'gaussian_elbo',
+           'random_knot_oracle', 'SigmaView']

@@ -14,36 +14,13 @@ import torch
 from edm_aniso import gaussian as G
 from edm_aniso.likelihood import (BIN_WIDTH, bits_per_dim, dequantize, divergence, elbo_nll, ode_nll, rademacher)
 from edm_aniso.path import noise_path
-from edm_aniso.schedule import KnotSchedule
 
 LAM = G.power_law_variances(1, 8)
 DIST = G.DCTGaussian(LAM)
 
 
-class EDMView(torch.nn.Module):
-    """The oracle seen as an EDM network (EDM's call only): its path is the SigmaPath a = b = sigma."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-        self.sigma_min, self.sigma_max, self.label_dim, self.sigma_data = 0.0, float('inf'), 0, 0.5
-        self.img_channels, self.img_resolution = net.img_channels, net.img_resolution
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
-
-    def forward(self, x, sigma, class_labels=None):
-        return self.net(x, sigma)
-
-
 def knot_oracle(seed, scale=0.4, label_dim=0):
-    rows = max(label_dim, 1)
-    sg, sh = KnotSchedule(num_rows=rows, dtype=torch.float64), KnotSchedule(num_rows=rows, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        sg.u.add_(scale * torch.randn(sg.u.shape, generator=gen, dtype=torch.float64))
-        sh.u.add_(scale * torch.randn(sh.u.shape, generator=gen, dtype=torch.float64))
-    return G.OracleNet(DIST, schedule_g=sg, schedule_h=sh, label_dim=label_dim, basis_of_class=[0] * rows)
+    return G.random_knot_oracle(DIST, seed, scale, label_dim)
 
 
 def coefficient_noise(net, x, sigma, labels=None):
@@ -54,7 +31,7 @@ def coefficient_noise(net, x, sigma, labels=None):
     return a[:, None, None, None] ** 2 * mask + b[:, None, None, None] ** 2 * (1 - mask)
 
 
-NETS = {'edm': lambda: EDMView(G.OracleNet(DIST)), 'aniso-a': lambda: knot_oracle(3),
+NETS = {'edm': lambda: G.SigmaView(G.OracleNet(DIST)), 'aniso-a': lambda: knot_oracle(3),
         'aniso-b': lambda: knot_oracle(11, scale=0.8)}
 
 
