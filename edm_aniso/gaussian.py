@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from edm_aniso.path import NoisePath, SchedulePath
@@ -344,6 +345,36 @@ class OracleNet(torch.nn.Module):
         return self.subspace.apply(d - x.to(torch.float64), g.rsqrt(), h.rsqrt(), basis_id)
 
 
+def random_knot_oracle(dist, seed: int, scale: float = 0.4, label_dim: int = 0) -> OracleNet:
+    """An oracle with random anisotropic knot schedules: u of g and h perturbed by ``scale`` standard normals (one
+    bank row per class when label_dim > 0, every class on the one low-block basis), float64."""
+    from edm_aniso.schedule import KnotSchedule
+    rows = max(label_dim, 1)
+    sg, sh = KnotSchedule(num_rows=rows, dtype=torch.float64), KnotSchedule(num_rows=rows, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sg.u.add_(scale * torch.randn(sg.u.shape, generator=gen, dtype=torch.float64))
+        sh.u.add_(scale * torch.randn(sh.u.shape, generator=gen, dtype=torch.float64))
+    return OracleNet(dist, schedule_g=sg, schedule_h=sh, label_dim=label_dim, basis_of_class=[0] * rows)
+
+
+class SigmaView(torch.nn.Module):
+    """An oracle behind EDM's call only, net(x, sigma, class_labels), like an EDMPrecond: its noise path is then the
+    SigmaPath a = b = sigma (edm_aniso.path)."""
+
+    def __init__(self, net: OracleNet):
+        super().__init__()
+        self.net = net
+        self.sigma_min, self.sigma_max, self.label_dim, self.sigma_data = 0.0, float('inf'), 0, net.sigma_data
+        self.img_channels, self.img_resolution = net.img_channels, net.img_resolution
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def forward(self, x, sigma, class_labels=None):
+        return self.net(x, sigma)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Closed-form sampler factors and Fréchet distances.
 
@@ -403,6 +434,35 @@ def exact_denoised_gain(variances: torch.Tensor, mask: torch.Tensor, start: tupl
     return s0 * ((lam + s1 ** 2) / (lam + s0 ** 2)).sqrt() * lam / (lam + s1 ** 2)
 
 
+def gaussian_nll(variances: torch.Tensor, x: torch.Tensor, noise_var: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """-ln N(x; 0, Λ + M) per sample [B] for x [B, C, H, W] in pixel space, Λ and M diagonal in the DCT basis
+    (``noise_var`` per coefficient, broadcastable to x; the DCT is orthonormal, so the density is the same there)."""
+    var = variances.to(torch.float64) + torch.as_tensor(noise_var, dtype=torch.float64)
+    coef = to_dct(x.to(torch.float64))
+    var = var.expand_as(coef)
+    return 0.5 * (coef.square() / var + torch.log(2 * np.pi * var)).flatten(1).sum(1)
+
+
+def gaussian_elbo(variances: torch.Tensor, x: torch.Tensor, m_lo: torch.Tensor, m_hi: torch.Tensor) -> torch.Tensor:
+    """The expected variational bound of edm_aniso.likelihood.elbo_nll [B] with the exact denoiser, in closed form.
+
+    Per DCT coefficient with data variance λ, value x and noise variance m rising from m_lo to m_hi along any monotone
+    path: L_rec = ½(1 + ln 2π m_lo), L_prior = x²/(2 m_hi), and with x − D = (m x − λ√m ε)/(λ + m),
+    L_diff = ½ ∫ [x²/(λ+m)² + λ²/(m(λ+m)²)] dm
+           = ½ [x² (1/(λ+m_lo) − 1/(λ+m_hi)) + ln(m_hi/m_lo) − ln((λ+m_hi)/(λ+m_lo)) + λ/(λ+m_hi) − λ/(λ+m_lo)],
+    which depends on the path only through its end levels. ``m_lo``, ``m_hi`` broadcast to x's coefficients."""
+    lam = variances.to(torch.float64)
+    c2 = to_dct(x.to(torch.float64)).square()
+    m0 = torch.as_tensor(m_lo, dtype=torch.float64).expand_as(c2)
+    m1 = torch.as_tensor(m_hi, dtype=torch.float64).expand_as(c2)
+    lam = lam.expand_as(c2)
+    rec = 0.5 * (1 + torch.log(2 * np.pi * m0))
+    prior = c2 / (2 * m1)
+    diff = 0.5 * (c2 * (1 / (lam + m0) - 1 / (lam + m1)) + torch.log(m1 / m0) - torch.log((lam + m1) / (lam + m0))
+                  + lam / (lam + m1) - lam / (lam + m0))
+    return (rec + prior + diff).flatten(1).sum(1)
+
+
 def exact_end_ratio(variances: torch.Tensor, sigma_max: float = 80.0) -> torch.Tensor:
     """The exact PF-ODE gain √(λ/(λ + σ_max²)) from x_T = σ_max z to t = 0 (method.md §9.6)."""
     lam = variances.to(torch.float64)
@@ -412,4 +472,5 @@ def exact_end_ratio(variances: torch.Tensor, sigma_max: float = 80.0) -> torch.T
 __all__ = ['to_dct', 'from_dct', 'power_law_variances', 'low_block_mask', 'MaskedDCTSubspace', 'DCTGaussian',
            'DCTGaussianMixture', 'ratio_levels', 'RatioPath', 'knot_split', 'schedule_levels', 'OracleNet', 'heun_factors', 'frechet_diag', 'frechet_gaussians',
            'frechet_samples',
-           'exact_end_ratio', 'exact_denoised_gain']
+           'exact_end_ratio', 'exact_denoised_gain', 'gaussian_nll', 'gaussian_elbo',
+           'random_knot_oracle', 'SigmaView']

@@ -99,6 +99,7 @@ class NoisePath:
     scalars, [B] or [B, N] per sample, or [1, N] for a grid shared by every sample; results are [B] or [B, N] float64."""
 
     has_schedule_time = False   # True where a learned schedule time t exists (--grid=schedule needs it)
+    constant_slopes = False     # True where kappa is constant between kinks (then an ODE piece may use one value)
 
     def __init__(self,
         subspace:   Any,                        # object with apply(v, alpha, beta, basis_id) and project, rank
@@ -155,6 +156,11 @@ class NoisePath:
         """(a, b) = (sqrt g(t), sqrt h(t)) per sample at schedule time t (paths with a learned schedule only)."""
         raise NotImplementedError(f'{type(self).__name__} has no schedule time')
 
+    def kinks(self, sigma_lo: float, sigma_hi: float) -> list[float]:
+        """Levels in (sigma_lo, sigma_hi) where kappa jumps for some sample (knots of a learned schedule), ascending:
+        an ODE solver should not step across them. None on SigmaPath."""
+        return []
+
     def covariance_apply(self, v: torch.Tensor, sigma: Any, power: float) -> torch.Tensor:
         """M(sigma)^power v."""
         a, b = self.split(sigma)
@@ -165,9 +171,11 @@ class NoisePath:
         a, b = self.split(sigma)
         return self.apply(denoised - x, a ** -2, b ** -2)
 
-    def ode_derivative(self, x: torch.Tensor, denoised: torch.Tensor, sigma: Any) -> torch.Tensor:
-        """Probability-flow ODE dx / d ln sigma = -apply(D - x, kappa_a, kappa_b) (module docstring)."""
-        ka, kb = self.log_slopes(sigma)
+    def ode_derivative(self, x: torch.Tensor, denoised: torch.Tensor, sigma: Any,
+                       slopes: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """Probability-flow ODE dx / d ln sigma = -apply(D - x, kappa_a, kappa_b) (module docstring); ``slopes``
+        gives (kappa_a, kappa_b) instead of evaluating them at sigma (e.g. a piece's own value at its end knots)."""
+        ka, kb = self.log_slopes(sigma) if slopes is None else slopes
         return -self.apply(denoised - x, ka, kb)
 
     def add_noise(self, x: torch.Tensor, noise: torch.Tensor, sigma_from: Any, sigma_to: Any) -> torch.Tensor:
@@ -252,6 +260,8 @@ class SigmaPath(NoisePath):
     """EDM networks: a = b = sigma, P = 0 (method.md §1 reduction). Levels pass through the network's round_sigma
     on the Karras grid, as EDM's samplers do."""
 
+    constant_slopes = True
+
     def __init__(self, net: Any, batch: int, device: torch.device | str = 'cpu',
                  shape: Optional[tuple[int, int, int]] = None) -> None:
         super().__init__(IsoSubspace(), None, batch, shape or _net_shape(net), float(net.sigma_min),
@@ -277,6 +287,7 @@ class SchedulePath(NoisePath):
     and ``subspace``: AnisoPrecond and the schedule oracles of edm_aniso.gaussian."""
 
     has_schedule_time = True
+    constant_slopes = True      # ln g and ln h are linear in t between knots
 
     def __init__(self, net: Any, class_labels: Optional[torch.Tensor], batch: int,
                  device: torch.device | str = 'cpu') -> None:
@@ -314,6 +325,11 @@ class SchedulePath(NoisePath):
     def sigma_at_time(self, t: Any) -> torch.Tensor:
         a, b = self.split_at_time(t)
         return (a * b).sqrt()
+
+    def kinks(self, sigma_lo: float, sigma_hi: float) -> list[float]:
+        lf = sched.geometric_mean_log_knots(self.lg, self.lh)[torch.unique(self.rows)]
+        knots = torch.unique((lf / 2).exp().flatten()).tolist()
+        return [k for k in knots if sigma_lo < k < sigma_hi]
 
     def log_slopes(self, sigma: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """kappa_a = (d ln g/dt) / (d ln F/dt) at t = F^{-1}(sigma^2): piecewise constant between knots."""

@@ -13,15 +13,7 @@ from edm_aniso.schedule import KnotSchedule
 
 def knot_oracle(res=8, channels=1, label_dim=0, scale=0.4, seed=3):
     """An exact oracle with random anisotropic knot schedules (a bank when label_dim > 0)."""
-    rows = max(label_dim, 1)
-    sg, sh = KnotSchedule(num_rows=rows, dtype=torch.float64), KnotSchedule(num_rows=rows, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        sg.u.add_(scale * torch.randn(sg.u.shape, generator=gen, dtype=torch.float64))
-        sh.u.add_(scale * torch.randn(sh.u.shape, generator=gen, dtype=torch.float64))
-    dist = G.DCTGaussian(G.power_law_variances(channels, res))
-    return G.OracleNet(dist, schedule_g=sg, schedule_h=sh, label_dim=label_dim,
-                       basis_of_class=[0] * rows)
+    return G.random_knot_oracle(G.DCTGaussian(G.power_law_variances(channels, res)), seed, scale, label_dim)
 
 
 def test_sigma_path_is_edm():
