@@ -43,13 +43,22 @@ N (corrector_steps + 1); ``corrector_steps=0`` is the plain reverse-SDE sampler.
     x <- x + eps_P P g + eps_perp P_perp g + sqrt(2 eps_P) P z + sqrt(2 eps_perp) P_perp z.
 
 This is Langevin dynamics preconditioned by E = eps_P P + eps_perp P_perp, which commutes with M, so p(x; M) is its
-invariant law in the small-step limit; per block the rule is score-SDE's (alpha = 1 for VE). Two deliberate
-deviations from score-SDE's code: the norms are per sample, not averaged over the batch (so an image depends only on
-its seed), and per block (the blocks' scores differ by the ratio a^2/b^2, one step size for both would be too large
-on the less noisy block). A block of dimension 0 (P on an isotropic path) takes no step, so with g = h this is
-score-SDE's Langevin corrector on the whole vector. As any unadjusted Langevin step it has a bias of order eps: on a
-Gaussian marginal of variance v a step changes the variance by eps^2/v and the stationary variance is v/(1 - eps/(2v));
-with the rule, eps/v ~ 2 snr^2 (bench/RESULTS.md).
+invariant law in the small-step limit; per block the rule is score-SDE's (alpha = 1 for VE). A block of dimension 0
+(P on an isotropic path) takes no step, so with g = h and one step per level this is score-SDE's Langevin corrector
+on the whole vector, with two deliberate deviations from score-SDE's code:
+
+- the norms are per sample, not averaged over the batch (so an image depends only on its seed), and per block (the
+  blocks' scores differ by the ratio a^2/b^2: one step size for both would be too large on the less noisy block);
+- within one corrector run (several steps at one level) the rule sets the step sizes at the run's first step and
+  they are kept for its other steps. A step size recomputed from the current state at every step makes the chain
+  state-dependent without the matching drift correction: measured on the exact Gaussian (1x16x16, 100 steps at one
+  level), it moved the marginal's variance by +0.3..1.1 % whatever the snr, an O(1/dim) bias; with the run's step
+  size fixed only the unadjusted-Langevin bias below remains.
+
+As any unadjusted Langevin step it has a bias of order eps: on a Gaussian marginal of variance v a step of size eps
+changes the variance by eps^2/v, and many steps approach v/(1 - eps/(2v)); with the rule eps/v ~ 2 snr^2, so at
+score-SDE's snr = 0.16 the corrector alone moves the marginal by a few per cent, and pc's FD stops falling with N at a
+floor that scales as snr^4 (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -127,8 +136,10 @@ def langevin_correct(path: NoisePath, denoise: Denoise, x: torch.Tensor, level: 
     PathDenoiser convention (a PathDenoiser is one; an inverse-problem solver may pass a wrapped one). ``level``: the
     effective sigma (a scalar or [B] per sample, split by the path), or a pair (a, b) of per-sample levels on P and
     P_perp (e.g. a column of ``NoisePath.grid``). Each step draws one ``randn_like(x)`` and evaluates ``denoise``
-    once; score g = M^-1 (D - x). ``step_size`` replaces the snr rule by fixed step sizes (scalars or [B]), e.g. the
-    deterministic step sizes of an exact law (edm_aniso.gaussian.pc_law)."""
+    once; score g = M^-1 (D - x). The snr rule is applied at the run's first step and its step sizes are kept for the
+    run's other steps (module docstring: a step size recomputed from the state at every step biases the marginal by
+    O(1/dim)). ``step_size`` replaces the rule by fixed step sizes (scalars or [B]), e.g. the deterministic step sizes
+    of an exact law (edm_aniso.gaussian.pc_law)."""
     if steps < 0:
         raise ValueError(f'corrector steps must be >= 0, got {steps}')
     if not snr > 0:
@@ -136,14 +147,15 @@ def langevin_correct(path: NoisePath, denoise: Denoise, x: torch.Tensor, level: 
     a, b = _split_level(path, level)
     inv_a2, inv_b2 = a.square().reciprocal(), b.square().reciprocal()
     x = x.to(torch.float64)
+    eps_a = eps_b = None
+    if step_size is not None:
+        eps_a, eps_b = path.levels(step_size[0]), path.levels(step_size[1])
     for j in range(int(steps)):
         D = denoise(x, a, b)
         grad = path.apply(D - x, inv_a2, inv_b2)
         z = randn_like(x)
-        if step_size is None:
+        if eps_a is None:                     # the rule at the run's first step sets its step size (docstring)
             eps_a, eps_b = snr_step_sizes(path, grad, z, snr)
-        else:
-            eps_a, eps_b = path.levels(step_size[0]), path.levels(step_size[1])
         if callback is not None:
             callback(dict(j=j, x=x, denoised=D, eps_a=eps_a, eps_b=eps_b))
         x = x + path.apply(grad, eps_a, eps_b) + path.apply(z, (2 * eps_a).sqrt(), (2 * eps_b).sqrt())
@@ -261,13 +273,13 @@ def pc(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = N
        trajectory: Optional[str] = None,    # directory for per-sample strips of denoised images (None: off)
        seeds: Optional[list[int]] = None,   # strip names (None: seeds of generate.py's generators)
        callback: Optional[Callable[[dict], None]] = None,  # called with {'i', 'x', 'denoised', 'a', 'b'}
-       corrector_step_size: Optional[Callable[[int, int], tuple]] = None,  # (i, j) -> fixed (eps_P, eps_perp)
+       corrector_step_size: Optional[Callable[[int], tuple]] = None,  # level i -> fixed (eps_P, eps_perp)
        **unused) -> torch.Tensor:
     """Predictor-corrector sampling per subspace on the network's noise path, float64 output (module docstring).
 
     Level i: ``corrector_steps`` Langevin steps at (a_i, b_i), then the reverse-diffusion step to (a_{i+1}, b_{i+1})
     (noise-free on the last, x_N = D_{N-1}). Start x_0 = M_0^1/2 z. Noise order per level: the corrector's draws,
-    then the predictor's. ``corrector_step_size`` (tests and exact laws) fixes the step of corrector step j at level i
+    then the predictor's. ``corrector_step_size`` (tests and exact laws) fixes the corrector's step sizes at level i
     instead of the snr rule."""
     if num_steps < 1:
         raise ValueError(f'num_steps must be >= 1, got {num_steps}')
@@ -283,9 +295,10 @@ def pc(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = N
     x = path.apply(latents.to(torch.float64), a[:, 0], b[:, 0])
     for i in range(num_steps):
         ai, bi = a[:, i], b[:, i]
-        for j in range(int(corrector_steps)):
-            fixed = None if corrector_step_size is None else corrector_step_size(i, j)
-            x = langevin_correct(path, den, x, (ai, bi), snr=snr, steps=1, randn_like=randn_like, step_size=fixed)
+        if corrector_steps > 0:
+            fixed = None if corrector_step_size is None else corrector_step_size(i)
+            x = langevin_correct(path, den, x, (ai, bi), snr=snr, steps=int(corrector_steps), randn_like=randn_like,
+                                 step_size=fixed)
         D = den(x, ai, bi)
         if record is not None:
             record(D)
