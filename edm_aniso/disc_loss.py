@@ -12,7 +12,7 @@ blind to that: it is the same whatever K. The term added here measures what the 
 - Phi_K: one aniso_heun step (method.md §6) with levels a = sqrt(g(t)), b = sqrt(h(t)) at both ends, Euler on the
   last step (j = K-1, to a = b = 0), as the sampler. Phi_ref: ``substeps`` steps of the same kind over the same
   interval (a finer solve of the same network), the stand-in for the exact flow map.
-- W_e = sigma_data (M(t_{j+1}) + sigma_data^2)^-1/2 (detached): the error in data units. For data of variance
+- W_e = sigma_data (M(t_{j+1}) + sigma_data^2)^-1/2: the error in data units. For data of variance
   sigma_data^2 per direction the exact PF-ODE carries a perturbation at level M down to the data by this factor, so
   W_e e is the error the step leaves in the output; at the last step W_e = 1.
 - K E_j[...] is the expected sum over the K steps of the squared local errors in data units.
@@ -79,15 +79,15 @@ class DiscTerm:
     """The weighted local error of one sampler step along the learned path (module docstring), per sample [B]."""
 
     def __init__(self, weight: float = 1.0, steps: Any = (5, 18), substeps: int = 4, detach_net: bool = True,
-                 sigma_data: float = 0.5) -> None:
-        if not weight >= 0 or substeps < 2 or not sigma_data > 0:
+                 sigma_data: Optional[float] = None) -> None:
+        if not weight >= 0 or substeps < 2 or not (sigma_data is None or sigma_data > 0):
             raise ValueError(f'DiscTerm needs weight >= 0, substeps >= 2 and sigma_data > 0, got {weight}, '
                              f'{substeps}, {sigma_data}')
         self.weight = float(weight)
         self.steps = parse_steps(steps)
         self.substeps = int(substeps)
         self.detach_net = bool(detach_net)
-        self.sigma_data = float(sigma_data)
+        self.sigma_data = None if sigma_data is None else float(sigma_data)   # None: the network's (else 0.5)
 
     def draw(self, batch: int, device: torch.device | str = 'cpu', generator: Optional[torch.Generator] = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,40 +120,53 @@ class DiscTerm:
         x_heun = x - apply((f0 + f1) / 2, a1 - a0, b1 - b0)
         return torch.where(_col(last, x), x_euler, x_heun)
 
-    def compute(self, net: Any, y: torch.Tensor, labels: Optional[torch.Tensor], k: torch.Tensor, j: torch.Tensor,
-                eps: torch.Tensor) -> torch.Tensor:
-        """weight K ||W_e (Phi_K(x_j) - Phi_ref(x_j))||^2 per sample [B] for given draws K, j [B] and noise eps."""
-        T = float(net.schedule_g.T)
+    def _apply_flow(self, net: Any, y: torch.Tensor, labels: Optional[torch.Tensor]) -> tuple[Any, Any]:
         _, basis_id = net.rows_for(labels, y.shape[0])
         apply = lambda v, a, b: net.subspace.apply(v, _to(a, v), _to(b, v), basis_id=basis_id)   # noqa: E731
 
         def flow(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return net.flow(x, a.square(), b.square(), labels, basis_id=basis_id).to(x.dtype)
+        return apply, flow
 
-        kf = k.to(torch.float64).to(y.device)
-        jf = j.to(torch.float64).to(y.device)
-        t_s = (T * (1 - jf / kf)).to(y.dtype)
-        last = (j + 1 >= k).to(y.device)
-        t_e = torch.where(last, torch.zeros_like(t_s), (T * (1 - (jf + 1) / kf)).to(y.dtype))
+    def step_times(self, net: Any, k: torch.Tensor, j: torch.Tensor, like: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t_j, t_{j+1}, last) per sample on the K-step schedule grid t_i = T (1 - i/K) (``--grid=schedule``)."""
+        T = float(net.schedule_g.T)
+        kf = k.to(device=like.device, dtype=torch.float64)
+        jf = j.to(device=like.device, dtype=torch.float64)
+        t_s = (T * (1 - jf / kf)).to(like.dtype)
+        last = (j + 1 >= k).to(like.device)
+        t_e = torch.where(last, torch.zeros_like(t_s), (T * (1 - (jf + 1) / kf)).to(like.dtype))
+        return t_s, t_e, last
+
+    def step(self, net: Any, x: torch.Tensor, labels: Optional[torch.Tensor], k: torch.Tensor, j: torch.Tensor,
+             substeps: int = 1) -> torch.Tensor:
+        """Step j of the K-step schedule grid from x, in ``substeps`` uniform pieces of schedule time: 1 is the
+        sampler's own step (aniso_heun on --grid=schedule), more give the reference solve."""
+        apply, flow = self._apply_flow(net, x, labels)
+        t_s, t_e, last = self.step_times(net, k, j, x)
+        lev = self._levels(net, t_s, labels)
+        for i in range(1, substeps + 1):
+            t_i = t_e if i == substeps else t_s + (t_e - t_s) * (i / substeps)
+            nxt = self._levels(net, t_i, labels)
+            x = self._heun(flow, apply, x, lev, nxt, last if i == substeps else torch.zeros_like(last))
+            lev = nxt
+        return x
+
+    def compute(self, net: Any, y: torch.Tensor, labels: Optional[torch.Tensor], k: torch.Tensor, j: torch.Tensor,
+                eps: torch.Tensor) -> torch.Tensor:
+        """weight K ||W_e (Phi_K(x_j) - Phi_ref(x_j))||^2 per sample [B] for given draws K, j [B] and noise eps."""
+        apply, _ = self._apply_flow(net, y, labels)
+        t_s, t_e, _ = self.step_times(net, k, j, y)
         params = list(net.network_parameters()) if (self.detach_net and hasattr(net, 'network_parameters')) else []
         with _frozen(params):
-            start = self._levels(net, t_s, labels)
-            end = self._levels(net, t_e, labels)
-            x = y + apply(eps, *start)
-            coarse = self._heun(flow, apply, x, start, end, last)
-            fine, lev = x, start
-            m = self.substeps
-            for i in range(1, m + 1):
-                t_i = t_e if i == m else t_s + (t_e - t_s) * (i / m)
-                nxt = self._levels(net, t_i, labels)
-                fine = self._heun(flow, apply, fine, lev, nxt, last & torch.tensor(i == m, device=last.device))
-                lev = nxt
-        a_e, b_e = (v.detach() for v in end)
-        sd2 = self.sigma_data ** 2
-        w_a = self.sigma_data * (a_e.square() + sd2).rsqrt()
-        w_b = self.sigma_data * (b_e.square() + sd2).rsqrt()
-        err = apply(coarse - fine, w_a, w_b)
-        return self.weight * kf.to(y.dtype) * err.square().flatten(1).sum(1)
+            x = y + apply(eps, *self._levels(net, t_s, labels))      # a sample of the marginal at t_j (live in theta)
+            err = self.step(net, x, labels, k, j) - self.step(net, x, labels, k, j, self.substeps)
+        a_e, b_e = self._levels(net, t_e, labels)
+        sd = self.sigma_data if self.sigma_data is not None else float(getattr(net, 'sigma_data', 0.5))
+        w_a = sd * (a_e.square() + sd * sd).rsqrt()
+        w_b = sd * (b_e.square() + sd * sd).rsqrt()
+        return self.weight * k.to(device=y.device, dtype=y.dtype) * apply(err, w_a, w_b).square().flatten(1).sum(1)
 
 
 def _to(v: Any, like: torch.Tensor) -> Any:
@@ -169,7 +182,7 @@ class EnergyDiscLoss:
     explicit_grad_sync = True   # both terms query the schedules outside forward (and stage 2 double-backwards)
 
     def __init__(self, energy: dict, disc_weight: float = 1.0, disc_steps: Any = (5, 18), disc_substeps: int = 4,
-                 disc_detach_net: bool = True, sigma_data: float = 0.5) -> None:
+                 disc_detach_net: bool = True, sigma_data: Optional[float] = None) -> None:
         self.energy = dnnlib.util.construct_class_by_name(**energy)
         self.disc = DiscTerm(disc_weight, disc_steps, disc_substeps, disc_detach_net, sigma_data)
 
