@@ -116,7 +116,7 @@ def aniso_heun(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Ten
     """Per-subspace Heun on the network's noise path (method.md §6), float64 output.
 
     Levels (a_i, b_i) from ``NoisePath.grid`` (EDM's sigma grid mapped to each sample's schedule times, or uniform
-    schedule time with grid='schedule'). Step i: Delta = (a_{i+1} - a_i) P + (b_{i+1} - b_i) P_perp,
+    steps of schedule time down to 0 with grid='schedule'). Step i: Delta = (a_{i+1} - a_i) P + (b_{i+1} - b_i) P_perp,
     x' = x_i - Delta f(x_i; M_i); unless i = N - 1, x_{i+1} = x_i - Delta (f(x_i; M_i) + f(x'; M_{i+1}))/2.
     Start x_0 = M_0^{1/2} z. On an EDM network (a = b = sigma) every step is EDM's deterministic Heun step.
     """
@@ -248,8 +248,8 @@ def _check_rk2(net: Any, opts: Any) -> None:
 # once, under all its samplers).
 TRAJECTORY_OPTION = click.Option(['--trajectory'], help='Save a strip PNG of the denoised estimate at every step per '
                                  'seed here', metavar='DIR', type=str, default=None)
-GRID_OPTION = click.Option(['--grid'], help='Sampler levels: karras = EDM\'s sigma grid (rho), schedule = uniform time '
-                           'of the learned schedule  [default: karras]', type=click.Choice(list(GRID_KINDS)),
+GRID_OPTION = click.Option(['--grid'], help='Sampler levels: karras = EDM\'s sigma grid (rho), schedule = N uniform steps '
+                           'of the learned schedule\'s time down to 0 (--sigma_min not applied)  [default: karras]', type=click.Choice(list(GRID_KINDS)),
                            default=None)
 
 SAMPLER_ENTRIES: list = [] if SamplerEntry is None else [
