@@ -298,7 +298,8 @@ def check_transfer(src: torch.nn.Module, path: str, c: dnnlib.EasyDict, summary:
     """Dry-run --transfer into the configured network; returns the network class's advice line, if any."""
     net = _build_network(c, summary, label_dim)
     try:
-        loop.transfer_weights(src, net, copy.deepcopy(net))
+        with torch.no_grad():
+            loop.transfer_weights(src, net, copy.deepcopy(net).eval().requires_grad_(False))
     except (ValueError, RuntimeError, AttributeError) as err:
         reason = _first_line(err).replace('ValueError: --transfer: ', '')
         raise click.ClickException(f'--transfer: {path} does not fit this network ({reason})')
@@ -339,7 +340,8 @@ def check_resume(state: dict, path: str, c: dnnlib.EasyDict, summary: DatasetSum
                                            f'{key}={b!r} (check {option})')
     net = _build_network(c, summary, label_dim)
     try:
-        misc.copy_params_and_buffers(src_module=old, dst_module=net, require_all=True)
+        with torch.no_grad():
+            misc.copy_params_and_buffers(src_module=old, dst_module=net, require_all=True)
     except (ValueError, RuntimeError) as err:
         raise click.ClickException(f'--resume: {path} does not fit this network ({_first_line(err)})')
 
