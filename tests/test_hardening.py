@@ -2,6 +2,7 @@
 training files are what they claim to be. One test (or a few) per defect of the issue, on tiny CPU networks."""
 
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -26,7 +27,6 @@ import dataset_tool
 import dnnlib
 import train
 from torch_utils import distributed as dist
-from training import preflight
 from training import training_loop as loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,10 +138,10 @@ def test_training_options_json_is_written_atomically(tmp_path, data_zip, monkeyp
     real = loop.atomic_write
     monkeypatch.setattr(loop, 'atomic_write', lambda path, fn: (written.append(os.path.basename(path)),
                                                                  real(path, fn)))
-    code, output = cli([f'--outdir={tmp_path}', f'--data={data_zip}', '--duration=0.001', '--seed=1', *TINY,
-                        '--snap=10', '--dump=10'])
+    monkeypatch.setattr(loop, 'training_loop', lambda **kwargs: None)     # only train.py's own writes matter here
+    code, output = cli([f'--outdir={tmp_path}', f'--data={data_zip}', '--duration=0.001', '--seed=1', *TINY])
     assert code == 0, output
-    assert written[0] == 'training_options.json'
+    assert written == ['training_options.json']
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -202,11 +202,12 @@ def test_bad_image_in_a_folder_dataset_is_named(tmp_path):
     target = sorted(folder.rglob('*.png'))[-1]
     target.write_bytes(target.read_bytes()[:50])
     with pytest.raises(Exception) as info:
-        preflight.scan_dataset(str(folder))
+        importlib.import_module('training.preflight').scan_dataset(str(folder))
     assert 'cannot read image' in str(info.value) and str(target.name) in str(info.value)
 
 
 def test_scan_accepts_what_dataset_tool_writes(tmp_path, data_zip):
+    from training import preflight
     summary = preflight.scan_dataset(data_zip)
     assert (summary.num_images, summary.channels, summary.resolution, summary.labels) == (24, 3, 8, 'classes')
 
@@ -291,6 +292,7 @@ def test_generate_uses_the_same_loader(tmp_path):
     bad.write_bytes(b'\x80\x04garbage')
     with pytest.raises(ValueError) as a:
         generate.load_network(str(bad))
+    from training import preflight
     with pytest.raises(ValueError) as b:
         preflight.read_network_pickle(str(bad))
     assert str(a.value) == str(b.value)
@@ -400,7 +402,7 @@ def test_nonfinite_before_any_state_says_so(tmp_path, data_zip):
 # 7. Temporary files that a kill left behind are removed at start.
 
 
-def test_stale_temporary_files_of_the_run_are_removed(finished_run, tmp_path):
+def test_stale_temporary_files_of_the_run_are_removed(finished_run, tmp_path, monkeypatch):
     run_dir, args = finished_run
     run = copy_run(run_dir, tmp_path / 'run')
     old = time.time() - 3600
@@ -413,6 +415,7 @@ def test_stale_temporary_files_of_the_run_are_removed(finished_run, tmp_path):
     for path in stale + [other]:
         os.utime(path, (old, old))
     out = tmp_path / 'runs'
+    monkeypatch.setattr(loop, 'training_loop', lambda **kwargs: None)     # the clean-up happens before training
     code, output = cli([a for a in args if not a.startswith('--outdir')] + [
         f'--outdir={out}', f'--resume={os.path.join(run, "training-state-000001.pt")}', '--duration=0.002'])
     assert code == 0, output
@@ -434,6 +437,7 @@ def test_outdir_that_is_a_file(tmp_path, data_zip):
 
 
 def test_unwritable_outdir(tmp_path, data_zip, monkeypatch):
+    from training import preflight
     monkeypatch.setattr(preflight.os, 'access', lambda path, mode: False)   # we run as root: chmod would not stop us
     code, output = cli([f'--outdir={tmp_path / "runs"}', f'--data={data_zip}', '--duration=0.001', '--seed=1', *TINY])
     assert code == 1 and 'is not writable' in one_line_error(output)
@@ -509,7 +513,8 @@ def test_dataset_tool_refuses_an_existing_dest_unless_overwrite(tmp_path):
     assert dest.read_bytes() == b'precious'
     code, output = cli([f'--source={tmp_path / "src"}', f'--dest={dest}', '--overwrite'], dataset_tool.main)
     assert code == 0, output
-    assert len(preflight.scan_dataset(str(dest)).names) == 4
+    with zipfile.ZipFile(dest) as z:
+        assert len([n for n in z.namelist() if n.endswith('.png')]) == 4
 
 
 # ---------------------------------------------------------------------------------------------------------------------
