@@ -460,13 +460,23 @@ def parse_int_list(s: Union[str, Iterable[int]]) -> list[int]:
     return values
 
 
+def _current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable[[Any], None]) -> None:
     """Write a file through ``write(binary_file)`` into a temporary file in the same folder (created if needed), then
-    rename it into place, so that a crash never leaves a truncated file behind (snapshots, states, bases, FID refs)."""
+    rename it into place, so that a crash never leaves a truncated file behind (snapshots, states, bases, FID refs).
+    The file gets the permissions a plain ``open(path, 'w')`` would (0644 under umask 022), not mkstemp's 0600.
+    A kill can leave the temporary ``.<name>.<random>.tmp`` behind; train.py removes its own at start."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())   # mkstemp makes 0600; final files get what open() would give
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
