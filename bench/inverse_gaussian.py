@@ -125,48 +125,48 @@ def main(quick: bool, out: str | None) -> None:
     t_all = time.process_time()
 
     print('## Gap against the number of steps (no corrector)\n')
-    print('mean / cov error (module docstring) of the output law against the exact conditional; NFE = N (sde), '
-          '2N - 1 (heun).\n')
-    cols = [(n, t, p) for n in nets for t in obs for p in inv.PREDICTORS]
-    print('| N | ' + ' | '.join(f'{t}, {n}, {p}' for n, t, p in cols) + ' |')
-    print('|---|' + '---|' * len(cols))
-    table: dict = {}
-    for steps in steps_list:
-        row = []
-        for n, t, p in cols:
-            r = gap(nets[n], obs[t], steps, p)
-            table[(n, t, p, steps)] = r
-            results['steps'].append(dict(net=n, task=t, predictor=p, steps=steps, **r))
-            row.append(_cell(r))
-        print(f'| {steps} | ' + ' | '.join(row) + ' |', flush=True)
-    print('\nObserved order of the covariance error (slope of -log2 gap against log2 N over the rows):\n')
-    print('| ' + ' | '.join(f'{t}, {n}, {p}' for n, t, p in cols) + ' |')
-    print('|' + '---|' * len(cols))
-    print('| ' + ' | '.join(f'{_rate([table[(n, t, p, s)]["cov"] for s in steps_list], steps_list):.2f}'
-                            for n, t, p in cols) + ' |')
+    print('Cells: mean / cov error (module docstring) of the output law against the exact conditional. NFE = N '
+          '(sde), 2N - 1 (heun). Order: least-squares slope of -log2(cov error) against log2 N (superres; '
+          'inpainting tends to a floor).\n')
+    for p in inv.PREDICTORS:
+        print(f'predictor = {p}\n')
+        print('| task | path | ' + ' | '.join(f'N={n}' for n in steps_list) + ' | order (cov) |')
+        print('|---|---|' + '---|' * (len(steps_list) + 1))
+        for t in obs:
+            for n in nets:
+                rs = []
+                for steps in steps_list:
+                    r = gap(nets[n], obs[t], steps, p)
+                    results['steps'].append(dict(net=n, task=t, predictor=p, steps=steps, **r))
+                    rs.append(r)
+                order = f'{_rate([r["cov"] for r in rs], steps_list):.2f}' if t.startswith('superres') else '-'
+                print(f'| {t} | {n} | ' + ' | '.join(_cell(r) for r in rs) + f' | {order} |', flush=True)
+        print()
     worst = max(r['known_err'] for r in results['steps'])
-    print(f'\nLargest |K x - y| over all outputs: {worst:.2g}\n')
+    print(f'Largest |K x - y| over these outputs: {worst:.2g}\n')
 
     print('## Inpainting gap against corrector steps per level (snr = 0.16)\n')
-    ccols = [(n, p) for n in nets for p in inv.PREDICTORS]
+    print('Cells: mean / cov error; C corrector steps per level; NFE = N (C + 1) (sde) or 2N - 1 + N C (heun).\n')
     for t in ('inpaint-half', 'inpaint-random'):
-        print(f'{t}: mean / cov error; rows N, columns (network, predictor, corrector steps C); NFE = N (C + 1) '
-              f'(sde) or 2N - 1 + N C (heun).\n')
-        print('| N | ' + ' | '.join(f'{n}, {p}, C={c}' for n, p in ccols for c in corr_list) + ' |')
-        print('|---|' + '---|' * (len(ccols) * len(corr_list)))
-        for steps in corr_steps:
-            row = []
-            for n, p in ccols:
-                for c in corr_list:
-                    if steps * c > 4096:
-                        row.append('')
-                        continue
-                    r = gap(nets[n], obs[t], steps, p, c)
-                    results['corrector'].append(dict(net=n, task=t, predictor=p, steps=steps, corrector_steps=c,
-                                                     **r))
-                    row.append(_cell(r))
-            print(f'| {steps} | ' + ' | '.join(row) + ' |', flush=True)
+        print(f'{t}\n')
+        print('| path | predictor | N | ' + ' | '.join(f'C={c}' for c in corr_list) + ' |')
+        print('|---|---|---|' + '---|' * len(corr_list))
+        for n in nets:
+            for p in inv.PREDICTORS:
+                for steps in corr_steps:
+                    row = []
+                    for c in corr_list:
+                        if steps * c > 4096:
+                            row.append('')
+                            continue
+                        r = gap(nets[n], obs[t], steps, p, c)
+                        results['corrector'].append(dict(net=n, task=t, predictor=p, steps=steps,
+                                                         corrector_steps=c, **r))
+                        row.append(_cell(r))
+                    print(f'| {n} | {p} | {steps} | ' + ' | '.join(row) + ' |', flush=True)
         print()
+    worst = max(r['known_err'] for r in results['corrector'])
+    print(f'Largest |K x - y| over these outputs: {worst:.2g}\n')
 
     print('## The corrector\'s snr (inpaint-half, sde, N = 32, C = 16)\n')
     print('| snr | ' + ' | '.join(nets) + ' |')

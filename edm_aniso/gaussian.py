@@ -714,10 +714,11 @@ def affine_sampler_moments(run: Callable[[torch.Tensor, Callable], torch.Tensor]
 def conditional_snr_step_sizes(cov: torch.Tensor, known: torch.Tensor, subspace: torch.Tensor, a: float, b: float,
                                snr: float) -> tuple[float, float]:
     """Deterministic equivalents (eps_P, eps_perp) of score-SDE's snr rule for the inverse-problem corrector
-    (edm_aniso.inverse.conditional_denoiser) on x ~ N(0, Σ): per block B of the path (P = ``subspace`` [d, d], and
+    (edm_aniso.inverse.conditional_score) on x ~ N(0, Σ): per block B of the path (P = ``subspace`` [d, d], and
     P_perp), eps_B = 2 snr² E‖B z‖² / E‖B (I − K) g‖² = 2 snr² tr B / tr(B (I − K)(Σ + M)⁻¹(I − K)) with
     M = a² P + b² P_perp (the score g = −(Σ + M)⁻¹ x of the noisy marginal has covariance (Σ + M)⁻¹); 0 for a block of
-    dimension 0. With these fixed steps the corrector is affine, so its exact moments follow (affine_sampler_moments)."""
+    dimension 0 or one inside range K (as solve_inverse does). With these fixed steps the corrector is affine, so its
+    exact moments follow (affine_sampler_moments)."""
     d = cov.shape[0]
     eye = torch.eye(d, dtype=torch.float64)
     p, u = subspace.to(torch.float64), eye - known.to(torch.float64)
@@ -725,8 +726,8 @@ def conditional_snr_step_sizes(cov: torch.Tensor, known: torch.Tensor, subspace:
     g = u @ torch.linalg.inv(cov.to(torch.float64) + m) @ u
     out = []
     for block in (p, eye - p):
-        dim = float(block.trace())
-        out.append(0.0 if dim < 0.5 else 2 * snr ** 2 * dim / float((block @ g).trace()))
+        dim, unknown = float(block.trace()), float((block @ u).trace())
+        out.append(0.0 if dim < 0.5 or unknown < 1e-9 else 2 * snr ** 2 * dim / float((block @ g).trace()))
     return out[0], out[1]
 
 

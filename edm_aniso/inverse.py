@@ -16,11 +16,15 @@ the state reaches level i, its known component is replaced by the observation no
     x <- (I - K) x + K (y + M_i^1/2 e),    e ~ N(0, I) fresh at every replacement (per-seed generators),
 
 which is a sample of the forward marginal of K x_i given K x_0 = y; at the data end (M_N = 0) the known part is y
-exactly. Between replacements the state moves with a predictor (the reverse-SDE step of the path, or the
+exactly. Between replacements the state moves with a predictor (the reverse-SDE step of the ``pc`` sampler, or the
 deterministic Heun step of aniso_heun) and, optionally, Langevin corrector steps at each level (score-SDE's
-predictor-corrector scheme), each followed by a replacement. The unknown part thus follows the network's score
-evaluated at a noised observation: score-SDE's approximation p_t(u | y) ~ p_t(u | K x_t), not an exact conditional
-sampler; bench/inverse_gaussian.py measures the gap to the exact conditional on Gaussian data.
+predictor-corrector scheme, ``edm_aniso.stochastic.langevin_correct``) on the score's unknown component
+(``conditional_score``), each followed by a replacement. The predictor alone follows the network's score at a noised
+observation, score-SDE's approximation p_t(u | y) ~ p_t(u | K x_t): on correlated data it stays off the exact
+conditional however many steps it takes; the corrector steps relax u toward p_t(u | K x_t) at each level, which at the
+data end is the exact conditional. bench/inverse_gaussian.py measures both on Gaussian data (bench/RESULTS.md).
+Everything per-subspace (M^1/2, M^-1, the blocks of the corrector) comes from the path (edm_aniso.path), so EDM
+networks (a = b = sigma) and anisotropic ones run the same code.
 """
 
 from __future__ import annotations
@@ -271,9 +275,9 @@ def solve_inverse(
     conditional score and the step's noise), set at a level's first corrector step and kept for the level's other
     steps (as ``langevin_correct`` does within one run), 0 on a block inside the known component (``blocks_inside``:
     its conditional score is 0 up to rounding, and the rule would divide by it); ``corrector_step_size`` fixes them
-    instead (exact laws on Gaussian data). Each corrector step costs one evaluation more. Per-seed draws in order: latents
-    (the caller's), a replacement at level 0, then per level each corrector step's noise and its replacement, the
-    predictor's noise (sde, not on the last step) and the replacement at the next level (none at the data end)."""
+    instead (exact laws on Gaussian data). Each corrector step costs one evaluation more. Per-seed draws in order:
+    latents (the caller's), a replacement at level 0, then per level each corrector step's noise and its replacement,
+    the predictor's noise (sde, not on the last step) and the replacement at the next level (none at the data end)."""
     check_sampler_options(num_steps, predictor, corrector_steps, snr, grid)
     if known.shape != latents.shape:
         raise ValueError(f'known {tuple(known.shape)} and latents {tuple(latents.shape)} must have the same shape')
