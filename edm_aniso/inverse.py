@@ -252,7 +252,7 @@ def solve_inverse(
     sigma_max:       Optional[float] = None,            # None: 80, lowered to the network's
     rho:             float = 7.0,                       # rho of the Karras grid
     grid:            str = 'karras',                    # 'karras' | 'schedule' (edm_aniso.path.NoisePath.grid)
-    predictor:       str = 'sde',                       # 'sde': reverse-SDE step; 'heun': aniso_heun's step
+    predictor:       str = 'heun',                      # 'sde': reverse-SDE step; 'heun': aniso_heun's step
     corrector_steps: int = 0,                           # Langevin steps at each level (0: none)
     snr:             Optional[float] = None,            # corrector signal-to-noise ratio (None: DEFAULT_SNR)
     corrector_step_size: Optional[Callable[[int], tuple]] = None,  # i -> fixed (eps_P, eps_perp) instead of the rule

@@ -304,7 +304,8 @@ def test_cli_writes_results_strips_and_observations(cli_files, net, monkeypatch)
 
 
 def test_cli_superres_and_colorize_on_a_conditional_network(cli_files, monkeypatch):
-    for task, extra in (('superres', ['--predictor=heun']), ('colorize', ['--corrector-steps=1', '--snr=0.1'])):
+    for task, extra in (('superres', ['--predictor=heun']),
+                        ('colorize', ['--predictor=sde', '--corrector-steps=1', '--snr=0.1'])):
         out = run_in_process(['--network=cond.pkl', '--images=imgs', f'--task={task}', '--steps=2', '--num=2',
                               f'--outdir=out-{task}'] + extra, cli_files, monkeypatch)
         assert out.exit_code == 0, out.output
