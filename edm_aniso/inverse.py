@@ -110,6 +110,8 @@ class LowFrequencyObservation(Observation):
         self.block = DCTSubspace(resolution, self.cutoff)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block.L.device != x.device:
+            self.block = self.block.to(x.device)
         return self.block.project(x)
 
     def describe(self) -> str:
