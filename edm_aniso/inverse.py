@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from edm_aniso import stochastic
 from edm_aniso.path import GRID_KINDS, PathDenoiser, noise_path
 from edm_aniso.subspace import DCTSubspace
 
@@ -187,16 +188,6 @@ def make_observation(task: str, channels: int, resolution: int, mask: Optional[t
 DEFAULT_SNR = 0.16          # score-SDE's signal-to-noise ratio for VE models (the pc sampler's default)
 
 
-def _stochastic() -> Any:
-    """edm_aniso.stochastic, home of the corrector (``langevin_correct``) and the reverse-SDE step (``pc``)."""
-    try:
-        from edm_aniso import stochastic
-    except ImportError as err:
-        raise ValueError('this installation lacks edm_aniso.stochastic (the Langevin corrector and reverse-SDE '
-                         'step)') from err
-    return stochastic
-
-
 def conditional_score(den: Callable, path: Any, observation: Observation) -> Callable:
     """(x, a, b) -> (I - K) M^-1 (D(x; M) - x): the network's score with its known component removed, the score of
     p(u | K x) in the unknown component u.
@@ -238,8 +229,6 @@ def check_sampler_options(num_steps: int, predictor: str, corrector_steps: int, 
         raise ValueError('--snr sets the corrector\'s step size: it needs --corrector-steps >= 1')
     if snr is not None and not snr > 0:
         raise ValueError(f'--snr must be > 0, got {snr}')
-    if corrector_steps > 0:
-        _stochastic()
 
 
 def solve_inverse(
@@ -283,7 +272,6 @@ def solve_inverse(
     check_sampler_options(num_steps, predictor, corrector_steps, snr, grid)
     if known.shape != latents.shape:
         raise ValueError(f'known {tuple(known.shape)} and latents {tuple(latents.shape)} must have the same shape')
-    stochastic = _stochastic() if corrector_steps > 0 or predictor == 'sde' else None
     path = noise_path(net, class_labels, latents)
     lev = path.grid(num_steps, grid, sigma_min, sigma_max, rho)
     den = PathDenoiser(net, path, class_labels)
