@@ -89,16 +89,24 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def _blocks(path: NoisePath, v: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(P v, P_perp v); P v is None for a block P of dimension 0 (then P_perp v = v)."""
+    if path.dims[0] == 0:
+        return None, v
+    pv = path.project(v)
+    return pv, v - pv
+
+
+def _sq(v: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if v is None:
+        return torch.zeros(like.shape[0], dtype=torch.float64, device=like.device)
+    return v.to(torch.float64).square().flatten(1).sum(1)
+
+
 def block_sq_norms(path: NoisePath, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(||P v||^2, ||P_perp v||^2) per sample [B] float64 (0 for a block of dimension 0)."""
-    v = v.to(torch.float64)
-    d_p, d_q = path.dims
-    if d_p == 0:
-        return torch.zeros(v.shape[0], dtype=torch.float64, device=v.device), v.square().flatten(1).sum(1)
-    pv = path.project(v)
-    zero = torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
-    n_q = (v - pv).square().flatten(1).sum(1) if d_q > 0 else zero
-    return pv.square().flatten(1).sum(1), n_q
+    pv, qv = _blocks(path, v.to(torch.float64))
+    return _sq(pv, v), _sq(qv, v) if path.dims[1] > 0 else _sq(None, v)
 
 
 def _split_level(path: NoisePath, level: Level) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,15 +116,18 @@ def _split_level(path: NoisePath, level: Level) -> tuple[torch.Tensor, torch.Ten
     return path.split(level)
 
 
+def _rule(z2: torch.Tensor, g2: torch.Tensor, snr: float) -> torch.Tensor:
+    """eps = 2 snr^2 ||z||^2 / ||g||^2 (0 where ||g|| = 0, e.g. an empty block)."""
+    return torch.where(g2 > 0, 2 * snr ** 2 * z2 / g2.clamp_min(1e-300), torch.zeros_like(g2))
+
+
 def snr_step_sizes(path: NoisePath, grad: torch.Tensor, noise: torch.Tensor, snr: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """score-SDE's step rule per block and sample: eps = 2 (snr ||z_block|| / ||g_block||)^2 ([B] each; 0 where a
     block has dimension 0 or a zero score)."""
     g_p, g_q = block_sq_norms(path, grad)
     z_p, z_q = block_sq_norms(path, noise)
-    rule = lambda zn, gn: torch.where(gn > 0, 2 * snr ** 2 * zn / gn.clamp_min(1e-300),   # noqa: E731
-                                      torch.zeros_like(gn))
-    return rule(z_p, g_p), rule(z_q, g_q)
+    return _rule(z_p, g_p, snr), _rule(z_q, g_q, snr)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -152,13 +163,18 @@ def langevin_correct(path: NoisePath, denoise: Denoise, x: torch.Tensor, level: 
         eps_a, eps_b = path.levels(step_size[0]), path.levels(step_size[1])
     for j in range(int(steps)):
         D = denoise(x, a, b)
-        grad = path.apply(D - x, inv_a2, inv_b2)
-        z = randn_like(x)
+        (pr, qr), z = _blocks(path, D - x), randn_like(x)
+        pz, qz = _blocks(path, z)
+        # score g = M^-1 (D - x): P g = P(D - x)/a^2, P_perp g = P_perp(D - x)/b^2.
+        pg = None if pr is None else pr * _bcast(inv_a2, x)
+        qg = qr * _bcast(inv_b2, x)
         if eps_a is None:                     # the rule at the run's first step sets its step size (docstring)
-            eps_a, eps_b = snr_step_sizes(path, grad, z, snr)
+            eps_a, eps_b = _rule(_sq(pz, x), _sq(pg, x), snr), _rule(_sq(qz, x), _sq(qg, x), snr)
         if callback is not None:
             callback(dict(j=j, x=x, denoised=D, eps_a=eps_a, eps_b=eps_b))
-        x = x + path.apply(grad, eps_a, eps_b) + path.apply(z, (2 * eps_a).sqrt(), (2 * eps_b).sqrt())
+        x = x + _bcast(eps_b, x) * qg + _bcast((2 * eps_b).sqrt(), x) * qz
+        if pg is not None:
+            x = x + _bcast(eps_a, x) * pg + _bcast((2 * eps_a).sqrt(), x) * pz
     return x
 
 
