@@ -110,6 +110,31 @@ def test_an_image_depends_only_on_its_seed(sampler, opts, grid):
     assert torch.equal(batch, other)
 
 
+def test_stage2_class_bank_runs_per_sample():
+    """A stage-2 AnisoPrecond with a per-class bank and h != g: both samplers give finite images that depend on the
+    per-subspace split (not equal to the run with h = g) and, per seed, not on the batch (up to float32 rounding)."""
+    precond = pytest.importorskip('edm_aniso.precond')
+    kw = dict(TINY, label_dim=3)
+    del kw['model_type']
+    net = precond.AnisoPrecond(stage=2, per_class=True, subspace='dct', model_type='SongUNet', **kw).eval()
+    net.transfer_from(tiny_edm(3))
+    iso = precond.AnisoPrecond(stage=2, per_class=True, subspace='dct', model_type='SongUNet', **kw).eval()
+    iso.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        net.schedule_h.u.add_(0.5 * torch.randn(net.schedule_h.u.shape, generator=torch.Generator().manual_seed(9)))
+    labels = torch.eye(3)[[2, 0]]
+    for sampler, opts in [(aniso_sde, dict(S_churn=10)), (pc, dict(corrector_steps=1))]:
+        z, rl = seeded([1, 2], [3, 8, 8])
+        out = sampler(net, z, labels, randn_like=rl, num_steps=3, **opts)
+        z, rl = seeded([2], [3, 8, 8])
+        alone = sampler(net, z, labels[1:], randn_like=rl, num_steps=3, **opts)
+        z, rl = seeded([1, 2], [3, 8, 8])
+        same = sampler(iso, z, labels, randn_like=rl, num_steps=3, **opts)
+        assert bool(torch.isfinite(out).all())
+        assert (out[1:] - alone).abs().max().item() <= 1e-3       # float32 convolutions: batch-size rounding
+        assert (out - same).abs().max().item() > 1e-3
+
+
 def test_nfe_counts():
     net, _ = gaussian_oracle()
     z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
