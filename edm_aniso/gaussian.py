@@ -636,9 +636,117 @@ def stochastic_law(net, sampler: str, num_steps: int, grid: str = 'karras', sigm
         return pc_law(dist.variances, mask, a, b, corrector_steps, snr, means)
     raise ValueError(f'unknown sampler {sampler!r}; stochastic_law knows aniso_sde and pc')
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exact conditional laws and exact moments of affine samplers (inverse problems: edm_aniso.inverse).
+
+
+def dct_gaussian_covariance(variances: torch.Tensor) -> torch.Tensor:
+    """Pixel-space covariance [d, d] (d = C·H·W, flattened in C, H, W order) of DCTGaussian(variances): Σ = Bᵀ Λ B
+    with B the orthonormal per-channel 2-D DCT, whose rows map images to coefficients."""
+    lam = variances.to(torch.float64)
+    d = lam.numel()
+    eye = torch.eye(d, dtype=torch.float64).reshape(d, *lam.shape)
+    basis = from_dct(eye).reshape(d, d)                # row j: the image of DCT coefficient j
+    return basis.T @ (lam.reshape(d, 1) * basis)
+
+
+def projector_matrix(project: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+    """The matrix [d, d] of a linear map on images of ``shape`` (C, H, W), e.g. an observation's projector K."""
+    d = int(np.prod(shape))
+    eye = torch.eye(d, dtype=torch.float64).reshape(d, *shape)
+    return project(eye).reshape(d, d).T.contiguous()
+
+
+def gaussian_conditional(cov: torch.Tensor, known: torch.Tensor, y: torch.Tensor, tol: float = 0.0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Law of x ~ N(0, Σ) given K x = y, for K an orthogonal projector (the known component of an inverse problem).
+
+    With orthonormal bases Q_k of range K and Q_u of its complement (eigenvectors of K), k = Q_kᵀ y and Σ_ab =
+    Q_aᵀ Σ Q_b: the unknown coordinates are N(Σ_uk Σ_kk⁻¹ k, Σ_uu − Σ_uk Σ_kk⁻¹ Σ_ku) (Schur complement). Returned in
+    pixel space: mean = y + Q_u μ_u [d] and covariance Q_u C_u Q_uᵀ [d, d] (zero on the known component). ``tol`` > 0
+    adds tol·mean(diag Σ_kk) to Σ_kk before the solve (for nearly singular data)."""
+    cov, known = cov.to(torch.float64), known.to(torch.float64)
+    y = y.reshape(-1).to(torch.float64)
+    sym = (known + known.T) / 2
+    if float((sym @ sym - sym).abs().max()) > 1e-8 or float((known - known.T).abs().max()) > 1e-8:
+        raise ValueError('known must be an orthogonal projector (K² = K = Kᵀ)')
+    if float((sym @ y - y).abs().max()) > 1e-8 * max(1.0, float(y.abs().max())):
+        raise ValueError('y must lie in the known component (K y = y)')
+    w, v = torch.linalg.eigh(sym)
+    q_k, q_u = v[:, w > 0.5], v[:, w <= 0.5]
+    s_kk, s_uk, s_uu = q_k.T @ cov @ q_k, q_u.T @ cov @ q_k, q_u.T @ cov @ q_u
+    if q_k.shape[1] == 0:
+        return torch.zeros_like(y), cov.clone()
+    chol = torch.linalg.cholesky(s_kk + tol * torch.eye(s_kk.shape[0], dtype=torch.float64) * s_kk.diagonal().mean())
+    gain = torch.cholesky_solve(s_uk.T, chol).T               # Σ_uk Σ_kk⁻¹
+    mean_u = gain @ (q_k.T @ y)
+    cov_u = s_uu - gain @ s_uk.T
+    return y + q_u @ mean_u, q_u @ ((cov_u + cov_u.T) / 2) @ q_u.T
+
+
+class BasisNoise:
+    """Exact moments of a sampler that is affine in its Gaussian draws (a Gaussian oracle, linear observations).
+
+    Run the sampler once on the batch ``latents()`` with ``randn_like=self``: row 0 gets zero noise in every draw (the
+    mean path) and rows 1 + k d ... (k + 1) d get the unit vectors of draw k (draw 0: the latents), the other draws
+    zero. Per sample the output is then mean + J ξ with ξ ~ N(0, I) over all draws, J's columns read off the rows:
+    ``moments(out)`` = (mean [d], covariance JᵀJ [d, d]), exact with no Monte-Carlo error. ``num_draws`` counts the
+    latents and every randn_like call (find it by a dry run with ``count_draws``); the sampler must treat the samples
+    of a batch independently."""
+
+    def __init__(self, shape: Sequence[int], num_draws: int):
+        self.shape, self.num_draws = tuple(int(s) for s in shape), int(num_draws)
+        self.d = int(np.prod(self.shape))
+        self.batch = 1 + self.d * self.num_draws
+        self.calls = 0
+
+    def _draw(self, k: int, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if k >= self.num_draws:
+            raise RuntimeError(f'the sampler drew more than the {self.num_draws} draws announced')
+        dtype = torch.float64 if like is None else like.dtype
+        out = torch.zeros(self.batch, self.d, dtype=dtype)
+        out[1 + k * self.d: 1 + (k + 1) * self.d] = torch.eye(self.d, dtype=dtype)
+        return out.reshape(self.batch, *self.shape)
+
+    def latents(self) -> torch.Tensor:
+        return self._draw(0)
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self._draw(self.calls, like).to(like.device)
+
+    def moments(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.calls + 1 != self.num_draws:
+            raise RuntimeError(f'the sampler made {self.calls + 1} draws, {self.num_draws} were announced')
+        flat = out.reshape(self.batch, self.d).to(torch.float64)
+        jac = flat[1:] - flat[:1]
+        return flat[0], jac.T @ jac
+
+    @staticmethod
+    def count_draws(run: Callable[[torch.Tensor, Callable], torch.Tensor], shape: Sequence[int]) -> int:
+        """Latents plus randn_like calls of ``run(latents, randn_like)`` on a batch of one."""
+        calls = [0]
+
+        def counting(like: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            return torch.zeros_like(like)
+        run(torch.zeros(1, *shape, dtype=torch.float64), counting)
+        return 1 + calls[0]
+
+
+def affine_sampler_moments(run: Callable[[torch.Tensor, Callable], torch.Tensor], shape: Sequence[int]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (mean [d], covariance [d, d]) of ``run(latents, randn_like)`` with standard normal latents and draws,
+    for a sampler affine in them (BasisNoise)."""
+    noise = BasisNoise(shape, BasisNoise.count_draws(run, shape))
+    return noise.moments(run(noise.latents(), noise))
+
+
 __all__ = ['to_dct', 'from_dct', 'power_law_variances', 'low_block_mask', 'MaskedDCTSubspace', 'DCTGaussian',
            'DCTGaussianMixture', 'ratio_levels', 'RatioPath', 'knot_split', 'schedule_levels', 'OracleNet', 'heun_factors', 'frechet_diag', 'frechet_gaussians',
            'frechet_samples',
            'exact_end_ratio', 'exact_denoised_gain', 'gaussian_nll', 'gaussian_elbo',
            'random_knot_oracle', 'SigmaView', 'aniso_sde_law', 'pc_law', 'langevin_law', 'corrector_law_step',
-           'law_start', 'law_frechet', 'oracle_mask', 'stochastic_law']
+           'law_start', 'law_frechet', 'oracle_mask', 'stochastic_law',
+           'dct_gaussian_covariance', 'projector_matrix', 'gaussian_conditional', 'BasisNoise', 'affine_sampler_moments']
