@@ -362,6 +362,9 @@ def _check_sde(net: Any, opts: Any) -> None:
 
 def _check_pc(net: Any, opts: Any) -> None:
     check_options(net, opts, needs_aniso=False, sampler='pc', min_steps=1)
+    if _opt(opts, 'snr') is not None and _opt(opts, 'corrector_steps', 1) == 0:
+        raise click.ClickException('--snr sets the corrector\'s step size: it needs --corrector-steps >= 1 '
+                                   '(--corrector-steps=0 runs the reverse SDE alone)')
 
 
 SAMPLER_ENTRIES: list = [] if SamplerEntry is None else [

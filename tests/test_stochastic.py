@@ -326,6 +326,7 @@ def cli(args):
     (['--sampler=aniso_sde', '--S_churn=-1'], "Invalid value for '--S_churn'"),
     (['--sampler=aniso_sde', '--S_min=5', '--S_max=1'], '--S_min must not exceed --S_max'),
     (['--sampler=pc', '--grid=schedule'], '--grid=schedule needs a network with a learned schedule'),
+    (['--sampler=pc', '--corrector-steps=0', '--snr=0.1'], '--snr sets the corrector\'s step size'),
     (['--sampler=aniso_sde', '--sigma_min=5', '--sigma_max=1'], '--sigma_min < --sigma_max'),
 ])
 def test_cli_bad_options(tmp_path, net_pkl, args, message):
