@@ -52,8 +52,9 @@ on the whole vector, with two deliberate deviations from score-SDE's code:
 - within one corrector run (several steps at one level) the rule sets the step sizes at the run's first step and
   they are kept for its other steps. A step size recomputed from the current state at every step makes the chain
   state-dependent without the matching drift correction: measured on the exact Gaussian (1x16x16, 100 steps at one
-  level), it moved the marginal's variance by +0.3..1.1 % whatever the snr, an O(1/dim) bias; with the run's step
-  size fixed only the unadjusted-Langevin bias below remains.
+  level), it moved the marginal's variance by +0.3..1.1 % whatever the snr, an O(1/dim) bias. With the run's step
+  sizes fixed, what is left beyond the unadjusted-Langevin bias below is the first step's correlation of the step
+  size with its state and noise, O(eps/dim) per run (+0.2 % after 10 steps at snr = 0.05, bench/RESULTS.md).
 
 As any unadjusted Langevin step it has a bias of order eps: on a Gaussian marginal of variance v a step of size eps
 changes the variance by eps^2/v, and many steps approach v/(1 - eps/(2v)); with the rule eps/v ~ 2 snr^2, so at
