@@ -22,7 +22,10 @@ probability-flow ODE from (a_hat, b_hat) to (a_{i+1}, b_{i+1}) as in ``aniso_heu
 on a schedule grid). With S_churn > 0 the noise is drawn at every step (scaled by 0 where gamma_i = 0), as in EDM, so
 each seed's stream matches EDM's. With g = h (EDM networks, stage-1 schedules) it is EDM's stochastic sampler; with
 S_churn = 0 it is ``aniso_heun``. NFE = 2N - 1. Schedules must be monotone (a and b rise with sigma); a negative
-increment, which a monotone path cannot produce, is clamped to 0.
+increment, which a monotone path cannot produce, is clamped to 0. A learned schedule ends at its sigma_max (time T):
+there sigma_hat above it splits as sigma_max, so a churn step from a level near sigma_max adds less noise than EDM's
+would (EDM networks keep EDM's t_hat > sigma_max). EDM's published settings (S_max = 50 < 80/(1 + gamma)) never
+churn there, and with them a learned g = h gives EDM's images.
 
 **pc: predictor-corrector (Song et al. 2021, VE case) per subspace.** At each level i, first ``corrector_steps``
 Langevin steps at (a_i, b_i) (``langevin_correct``), then the predictor, the reverse-diffusion (Euler-Maruyama) step
