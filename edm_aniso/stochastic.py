@@ -238,27 +238,33 @@ def aniso_sde(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tens
     lev = path.grid(num_steps, grid, sigma_min, sigma_max, rho)
     den = PathDenoiser(net, path, class_labels)
     record = _recorder(trajectory, seeds, randn_like)
+    # One level for the whole batch on an EDM network: 0-d levels, so that the network sees a 0-d sigma as in EDM's
+    # sampler (a [B] sigma runs the network's float32 embedding on another kernel, which changes the last bits).
+    lv = (lambda v: v[0]) if isinstance(path, SigmaPath) else (lambda v: v)      # noqa: E731
     a, b, sig = lev.a, lev.b, lev.sigma
-    x = path.apply(latents.to(torch.float64), a[:, 0], b[:, 0])
+    x = path.apply(latents.to(torch.float64), lv(a[:, 0]), lv(b[:, 0]))
     for i in range(num_steps):
+        a_i, b_i, a_next, b_next = lv(a[:, i]), lv(b[:, i]), lv(a[:, i + 1]), lv(b[:, i + 1])
         gamma = churn_gamma(sig[:, i], num_steps, S_churn, S_min, S_max)
         _, a_hat, b_hat = churn_levels(net, path, sig[:, i], a[:, i], b[:, i], gamma)
+        a_hat, b_hat = lv(a_hat), lv(b_hat)
         x_hat = x
         if S_churn > 0:
             eps = randn_like(x)
-            x_hat = x + path.apply(eps, S_noise * (a_hat.square() - a[:, i].square()).clamp_min(0).sqrt(),
-                                   S_noise * (b_hat.square() - b[:, i].square()).clamp_min(0).sqrt())
+            x_hat = x + path.apply(eps, S_noise * (a_hat.square() - a_i.square()).clamp_min(0).sqrt(),
+                                   S_noise * (b_hat.square() - b_i.square()).clamp_min(0).sqrt())
         f = den.flow(x_hat, a_hat, b_hat)
-        da, db = a[:, i + 1] - a_hat, b[:, i + 1] - b_hat
+        da, db = a_next - a_hat, b_next - b_hat
         x_next = x_hat - path.apply(f, da, db)
         if record is not None or callback is not None:
             denoised = den.denoised_from_flow(x_hat, f, a_hat, b_hat)
             if record is not None:
                 record(denoised)
             if callback is not None:
-                callback(dict(i=i, x=x_hat, denoised=denoised, a=a[:, i], b=b[:, i], a_hat=a_hat, b_hat=b_hat))
+                callback(dict(i=i, x=x_hat, denoised=denoised, a=a[:, i], b=b[:, i], a_hat=path.levels(a_hat),
+                              b_hat=path.levels(b_hat)))
         if i < num_steps - 1:
-            x_next = x_hat - path.apply((f + den.flow(x_next, a[:, i + 1], b[:, i + 1])) / 2, da, db)
+            x_next = x_hat - path.apply((f + den.flow(x_next, a_next, b_next)) / 2, da, db)
         x = x_next
     if record is not None:
         record.save(x)
