@@ -29,8 +29,8 @@ churn there, and with them a learned g = h gives EDM's images.
 
 **pc: predictor-corrector (Song et al. 2021, VE case) per subspace.** At each level i, first ``corrector_steps``
 Langevin steps at (a_i, b_i) (``langevin_correct``), then the predictor, the reverse-diffusion (Euler-Maruyama) step
-of the reverse SDE dx = -(dM/dt) grad log p dt + (dM/dt)^1/2 dw_bar, discretised as score-SDE's ReverseDiffusionPredictor
-per block (grad log p = M^-1 (D - x), edm_aniso.path):
+of the reverse SDE dx = -(dM/dt) grad log p dt + (dM/dt)^1/2 dw_bar, discretised as score-SDE's
+ReverseDiffusionPredictor per block (grad log p = M^-1 (D - x), edm_aniso.path):
 
     x_{i+1} = x_i + (M_i - M_{i+1}) M_i^-1 (D_i - x_i) + (M_i - M_{i+1})^1/2 z
             = x_i + apply(D_i - x_i, 1 - a_{i+1}^2/a_i^2, 1 - b_{i+1}^2/b_i^2) + apply(z, sqrt(a_i^2 - a_{i+1}^2),

@@ -64,8 +64,8 @@ def law_stats(x, mean, var):
 @pytest.mark.parametrize('label_dim,stage', [(0, None), (0, 1), (4, 1), (0, 2)])
 def test_aniso_sde_with_g_equal_h_is_edms_stochastic_sampler(label_dim, stage):
     """With g = h, aniso_sde equals generate.edm_sampler with churn, for the same per-seed noise: on the EDM network
-    itself (bit for bit) and on AnisoPrecond nets transferred from it (stage 1 with a random learned g, per class for a bank; stage 2
-    on the DCT split with h = g)."""
+    itself (bit for bit) and on AnisoPrecond nets transferred from it (stage 1 with a random learned g, per class for a
+    bank; stage 2 on the DCT split with h = g)."""
     edm = tiny_edm(label_dim)
     net = edm
     if stage is not None:
@@ -99,7 +99,8 @@ def test_aniso_sde_with_g_equal_h_is_edms_stochastic_sampler(label_dim, stage):
 @pytest.mark.parametrize('sampler,opts', [(aniso_sde, dict(S_churn=10)), (pc, dict(corrector_steps=2))])
 @pytest.mark.parametrize('grid', ['karras', 'schedule'])
 def test_an_image_depends_only_on_its_seed(sampler, opts, grid):
-    """Per-class schedule rows (per-sample levels) and per-seed noise: a seed's image is the same alone or in a batch."""
+    """Per-class schedule rows (per-sample levels) and per-seed noise: a seed's image is the same alone or in a
+    batch."""
     net, _ = gaussian_oracle(label_dim=3)
     labels = torch.eye(3)[[2, 0, 1]]
     z, rl = seeded([5, 6, 7], [3, 8, 8])
