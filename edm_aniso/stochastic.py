@@ -74,7 +74,7 @@ import click
 import torch
 
 from edm_aniso.path import NoisePath, PathDenoiser, SigmaPath, noise_path
-from edm_aniso.sampler import GRID_OPTION, TRAJECTORY_OPTION, _opt, _recorder, check_options
+from edm_aniso.sampler import GRID_OPTION, TRAJECTORY_OPTION, _opt, _recorder, check_options, start_on_grid
 
 try:
     from training import registry as _registry
@@ -313,12 +313,8 @@ def pc(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = N
         raise ValueError(f'corrector_steps must be an integer >= 0, got {corrector_steps}')
     if not snr > 0:
         raise ValueError(f'snr must be > 0, got {snr}')
-    path = noise_path(net, class_labels, latents)
-    lev = path.grid(num_steps, grid, sigma_min, sigma_max, rho)
-    den = PathDenoiser(net, path, class_labels)
-    record = _recorder(trajectory, seeds, randn_like)
-    a, b = lev.a, lev.b
-    x = path.apply(latents.to(torch.float64), a[:, 0], b[:, 0])
+    path, den, a, b, x, record = start_on_grid(net, latents, class_labels, randn_like, num_steps, grid, sigma_min,
+                                               sigma_max, rho, trajectory, seeds)
     for i in range(num_steps):
         ai, bi = a[:, i], b[:, i]
         if corrector_steps > 0:
