@@ -256,7 +256,7 @@ registry.register_precond(registry.PrecondEntry(
     help='learned anisotropic noise schedules (edm_aniso, method.md)'))
 
 # Samplers: each sampler module lists its entries in SAMPLER_ENTRIES; register them all.
-SAMPLER_MODULES = ['edm_aniso.sampler', 'edm_aniso.multistep']
+SAMPLER_MODULES = ['edm_aniso.sampler', 'edm_aniso.multistep', 'edm_aniso.stochastic']
 for _name in SAMPLER_MODULES:
     for _entry in getattr(importlib.import_module(_name), 'SAMPLER_ENTRIES', []):
         registry.register_sampler(_entry)
