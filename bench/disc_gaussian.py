@@ -239,7 +239,7 @@ def checks(rows: dict[str, list[float]], steps: list[int], row: str, iso_row: st
 @click.option('--json-out', help='Write every row as JSON here', metavar='PATH', type=str, default=None)
 @click.option('--train-steps', help='Adam steps per schedule training', metavar='INT', type=click.IntRange(min=1),
               default=400, show_default=True)
-@click.option('--batch', help='Training batch', metavar='INT', type=click.IntRange(min=1), default=32,
+@click.option('--batch', help='Training batch (divided by the channel count, at least 8)', metavar='INT', type=click.IntRange(min=1), default=32,
               show_default=True)
 @click.option('--starts', help='L-BFGS starts per headroom row and N', metavar='INT', type=click.IntRange(min=1),
               default=6, show_default=True)
@@ -260,7 +260,7 @@ def main(out: str, json_out: str | None, train_steps: int, batch: int, starts: i
         lam, mask = G.power_law_variances(c, res), G.low_block_mask(res)
         dist = G.DCTGaussian(lam)
         log(f'{tag}: training')
-        sch = schedules(dist, mask, train_steps, batch, tag)
+        sch = schedules(dist, mask, train_steps, max(8, batch // c), tag)   # 3 channels: a third of the images
         rows = {'EDM Heun': [fd_edm(lam, n) for n in steps]}
         sub = G.MaskedDCTSubspace(mask)
         init = KnotSchedule(dtype=torch.float64)
