@@ -253,7 +253,7 @@ def test_energy_disc_two_ranks_equal_one_process(tmp_path):
                     network_kwargs=dict(class_name='edm_aniso.precond.AnisoPrecond', stage=2, subspace='dct',
                                         per_class=True, model_type='SongUNet', model_channels=8, channel_mult=[1, 2],
                                         num_blocks=1, attn_resolutions=[], dropout=0.0),
-                    loss_kwargs=dict(class_name='disc_deterministic.DeterministicDiscLoss', disc_weight=1e-3,
+                    loss_kwargs=dict(class_name='disc_deterministic.DeterministicDiscLoss', disc_weight=1e-5,
                                      disc_steps=[3, 6], disc_substeps=2),
                     optimizer_kwargs=dict(class_name='torch.optim.SGD', lr=300.0),
                     schedule_optimizer_kwargs=dict(class_name='torch.optim.SGD', lr=100.0),
