@@ -18,6 +18,8 @@ NFE 2N − 1 for N in {3, 4, 5, 6, 8, 10, 13, 18}. Rows:
       |r_{i+1} − r_i| ≤ ln(σ_i/σ_{i+1}) (so a_i and b_i both fall: reachable by monotone g, h);
   (b) best isotropic grid: free σ_0 = 80 > σ_1 > ... > σ_{N−1} > 0 (what grid tuning such as AYS can reach);
   (c) best of both free: monotone a_i and b_i, each from 80 down, independently.
+- disc s2 (conditioning detached), 1x16x16 only: stage 2 with the oracle's (g, h) detached in its conditioning, as
+  stage-2 AnisoPrecond does (so the disc term's θ-gradient lacks ∂f/∂M, as on a real stage-2 network).
 """
 
 from __future__ import annotations
@@ -174,6 +176,25 @@ def train(net, dist, loss_fn, params, steps: int, lr: float, batch: int, seed: i
     return sum(hist[:k]) / k, sum(hist[-k:]) / k, time.process_time() - t0
 
 
+class DetachedOracle(G.OracleNet):
+    """The oracle with (g, h) detached in its conditioning, as stage-2 AnisoPrecond (method.md §4): the disc term's
+    θ-gradient then misses ∂f/∂M at fixed x, as it does on a real stage-2 network."""
+
+    def flow(self, x, g, h, class_labels=None, basis_id=None, **unused):
+        return super().flow(x, torch.as_tensor(g).detach(), torch.as_tensor(h).detach(), class_labels, basis_id)
+
+
+def detached_stage2(dist, mask: torch.Tensor, s1: KnotSchedule, steps: int, batch: int, tag: str) -> tuple:
+    g2, h2 = KnotSchedule(dtype=torch.float64), KnotSchedule(dtype=torch.float64)
+    g2.load_rows_from(s1)
+    h2.load_rows_from(s1)
+    net = DetachedOracle(dist, subspace=G.MaskedDCTSubspace(mask), schedule_g=g2, schedule_h=h2)
+    loss = EnergyDiscLoss(dict(class_name='edm_aniso.loss.AnisoStage2Loss', kappa=KAPPA), **DISC)
+    first, last, cpu = train(net, dist, loss, [g2.u, h2.u], steps, 1e-2, batch, seed=2)
+    log(f'  {tag} disc s2 (conditioning detached): {steps} steps, loss {first:.4g} -> {last:.4g} ({cpu:.0f} CPU s)')
+    return g2, h2
+
+
 def schedules(dist, mask: torch.Tensor, steps: int, batch: int, tag: str) -> dict[str, tuple]:
     """energy s1, energy s2 (from energy s1), disc s1, disc s2 (from disc s1): (g, h) KnotSchedules."""
     sub = G.MaskedDCTSubspace(mask)
@@ -261,6 +282,9 @@ def main(out: str, json_out: str | None, train_steps: int, batch: int, starts: i
         dist = G.DCTGaussian(lam)
         log(f'{tag}: training')
         sch = schedules(dist, mask, train_steps, max(8, batch // c), tag)   # 3 channels: a third of the images
+        if c == 1:
+            sch['disc s2 (conditioning detached)'] = detached_stage2(dist, mask, sch['disc s1'][0], train_steps,
+                                                                     batch, tag)
         rows = {'EDM Heun': [fd_edm(lam, n) for n in steps]}
         sub = G.MaskedDCTSubspace(mask)
         init = KnotSchedule(dtype=torch.float64)
@@ -268,7 +292,7 @@ def main(out: str, json_out: str | None, train_steps: int, batch: int, starts: i
             fd_net(G.OracleNet(dist, subspace=sub, schedule_g=init, schedule_h=init), lam, n, 'schedule') for n in steps]
         for name, (sg, sh) in sch.items():
             net = G.OracleNet(dist, subspace=sub, schedule_g=sg, schedule_h=sh)
-            for grid in ('karras', 'schedule'):
+            for grid in ('karras', 'schedule') if 'detached' not in name else ('schedule',):
                 rows[f'{name}, {grid} grid'] = [fd_net(net, lam, n, grid) for n in steps]
         log(f'{tag}: headroom ({time.process_time() - t_start:.0f} CPU s so far)')
         for kind, name in (('split', 'best monotone split, Karras grid'), ('iso', 'best isotropic grid'),
