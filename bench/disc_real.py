@@ -50,7 +50,7 @@ def newest(folder: str) -> str:
     return os.path.join(folder, snaps[-1])
 
 
-def train_all(workdir: str, kimg: float) -> tuple[str, dict[str, str]]:
+def train_all(workdir: str, kimg: float, edm_kimg: float) -> tuple[str, dict[str, str]]:
     os.makedirs(workdir, exist_ok=True)
     data = os.path.join(workdir, 'toy-16x16.zip')
     if not os.path.exists(data):
@@ -61,7 +61,7 @@ def train_all(workdir: str, kimg: float) -> tuple[str, dict[str, str]]:
     edm = os.path.join(workdir, 'edm')
     if not os.path.isdir(edm):
         t0 = time.time()
-        run([train, f'--outdir={edm}', '--nosubdir', f'--data={data}', *TOY, '--duration=0.006', '--lr-rampup=0',
+        run([train, f'--outdir={edm}', '--nosubdir', f'--data={data}', *TOY, f'--duration={edm_kimg / 1000}', '--lr-rampup=0',
              '--lr=2e-3', '--augment=0', '--dump=2'], workdir)
         log(f'EDM trained ({time.time() - t0:.0f} s wall)')
     common = [f'--data={data}', *TOY, f'--duration={kimg / 1000}', '--precond=aniso', '--schedule-lr=2e-2',
@@ -96,11 +96,13 @@ def data_images(path: str) -> torch.Tensor:
 @click.option('--samples', help='Samples per NFE', type=click.IntRange(min=16), default=256, show_default=True)
 @click.option('--kimg', help='kimg per schedule run', type=click.FloatRange(min=0.032), default=4.0,
               show_default=True)
-def main(workdir: str, samples: int, kimg: float) -> None:
+@click.option('--edm-kimg', help='kimg of the EDM model', type=click.FloatRange(min=0.032), default=6.0,
+              show_default=True)
+def main(workdir: str, samples: int, kimg: float, edm_kimg: float) -> None:
     """Stage 1 and 2 with the energy and the energy+disc objectives from one EDM model, against EDM Heun."""
     torch.set_num_threads(1)
     t0 = time.process_time()
-    data, pkls = train_all(workdir, kimg)
+    data, pkls = train_all(workdir, kimg, edm_kimg)
     import generate
     ref_images = data_images(data)
     gen = torch.Generator().manual_seed(123)
