@@ -287,3 +287,15 @@ def test_energy_disc_two_ranks_equal_one_process(tmp_path):
     for group in moved:
         assert moved[group] > 1e-3, (group, moved[group])
         assert apart[group] < 1e-4 * moved[group], (group, apart[group], moved[group])
+
+
+def test_energy_disc_loss_pickles_with_its_options():
+    """Snapshots pickle loss_fn (EDM's format): the wrapper and its energy loss round-trip."""
+    import pickle
+    loss = EnergyDiscLoss(dict(class_name='edm_aniso.loss.AnisoStage2Loss', kappa=0.5), disc_weight=0.2,
+                          disc_steps='4-6', disc_metric='data', disc_k_power=1.5)
+    back = pickle.loads(pickle.dumps(loss))
+    assert isinstance(back.energy, AnisoStage2Loss) and back.energy.kappa == 0.5 and back.explicit_grad_sync
+    assert (back.disc.weight, back.disc.steps, back.disc.metric, back.disc.k_power) == (0.2, (4, 6), 'data', 1.5)
+    with pytest.raises(ValueError, match='metric'):
+        DiscTerm(metric='l2')
