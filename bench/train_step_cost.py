@@ -5,7 +5,8 @@ stage 1 <= 1.05x).
 One training step = zero_grad, loss on a batch, backward of sum/batch, Adam on phi (and on theta for the plugin).
 Every configuration uses the same backbone weights, batch and device. Kinds: edm (EDMLoss), stage1, stage2 (estimator
 every step, --hvp=fd), stage2-autograd (the same with --hvp=autograd, the reference), stage2-every4 (--hvp=fd
---estimator-every=4: one timing unit is four steps, one with the estimator and three without, divided by four).
+--estimator-every=4: one timing unit is four steps, one with the estimator and three without, divided by four), and
+stage2-ckptN (stage 2 with the fd's second call checkpointing its first N residual blocks, ``fd_checkpoint=N``).
 
 Time (bench/timing.py): process CPU time on CPU (wall time on CUDA), every kind once per round in rotation, the first
 round a warm-up; reported are the median over rounds of each kind's time / EDM's time in the same round, and the
@@ -21,6 +22,7 @@ estimator).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -74,7 +76,8 @@ def _build(kind: str, net_name: str, batch: int, cbase: int | None, device: torc
         net = AnisoPrecond(res, 3, label_dim=10, stage=stage, subspace='iso' if stage == 1 else 'dct', **kwargs)
         loss_fn = AnisoStage1Loss() if stage == 1 else AnisoStage2Loss(
             estimator_every=4 if kind == 'stage2-every4' else 1,
-            hvp='autograd' if kind == 'stage2-autograd' else 'fd')
+            hvp='autograd' if kind == 'stage2-autograd' else 'fd',
+            fd_checkpoint=int(kind[len('stage2-ckpt'):]) if kind.startswith('stage2-ckpt') else 0)
     net.model.load_state_dict(state)
     del state
     net.train().requires_grad_(True).to(device)
@@ -169,7 +172,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 @click.command()
 @click.option('--nets', help='Comma-separated nets (tiny, cifar)', default='tiny,cifar', show_default=True)
-@click.option('--kinds', help=f'Comma-separated losses, the first is the baseline ({", ".join(KINDS)})',
+@click.option('--kinds', help=f'Comma-separated losses, the first is the baseline ({", ".join(KINDS)}; '
+              'stage2-ckptN: stage 2 with fd_checkpoint=N)',
               default=','.join(KINDS), show_default=True)
 @click.option('--batch', help='Batch per step', type=click.IntRange(min=1), default=4, show_default=True)
 @click.option('--rounds', help='Timed rounds (after one warm-up round)', type=click.IntRange(min=1), default=5,
@@ -189,7 +193,7 @@ def main(nets: str, kinds: str, batch: int, rounds: int, cbase: int | None, devi
             raise click.ClickException(f'--nets: unknown net {name!r}; expected {", ".join(NETS)}')
     kind_list = tuple(kinds.split(','))
     for kind in kind_list:
-        if kind not in KINDS:
+        if kind not in KINDS and not re.fullmatch(r'stage2-ckpt\d+', kind):
             raise click.ClickException(f'--kinds: unknown loss {kind!r}; expected {", ".join(KINDS)}')
     dev = misc.pick_device(device)
     rows = []

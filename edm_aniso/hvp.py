@@ -20,6 +20,7 @@ CIFAR-10 DDPM++ net and the float64 mixture of the tests (tests/test_aniso_hvp.p
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -78,6 +79,26 @@ def frozen(params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def _checkpointed_forward(forward: Callable, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+
+@contextlib.contextmanager
+def checkpoint_blocks(model: torch.nn.Module, count: int) -> Iterator[None]:
+    """Inside the block, the first ``count`` residual blocks of ``model`` (modules of class ``UNetBlock``, in
+    registration order: SongUNet's encoder starts at full resolution, where activations are largest) run under
+    activation checkpointing: their forward keeps only its inputs and is recomputed, with the same random numbers,
+    during the backward. Trades one more forward of those blocks for their activations."""
+    blocks = [m for m in model.modules() if type(m).__name__ == 'UNetBlock'][:max(int(count), 0)]
+    for m in blocks:
+        m.forward = functools.partial(_checkpointed_forward, m.forward)
+    try:
+        yield
+    finally:
+        for m in blocks:
+            del m.forward                                              # back to the class's forward
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The two Hessian-vector products.
 
@@ -114,7 +135,7 @@ def fd_hvp(vjp: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, a: torc
 def input_vjp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, b: torch.Tensor,
               params: Sequence[torch.nn.Parameter] = ()) -> torch.Tensor:
     """grad_x <b, fn(x)> without create_graph, the parameters ``params`` frozen during the call (their gradients are
-    not wanted: the forward then keeps only what the input gradient needs)."""
+    not wanted, so no weight-gradient kernels run in the backward)."""
     with torch.enable_grad(), frozen(params):
         out = fn(x)
         return torch.autograd.grad(dot(b, out).sum(), x)[0]

@@ -198,13 +198,14 @@ class AnisoStage2Loss:
     explicit_grad_sync = True   # double backward: the loop calls the unwrapped net and all-reduces gradients.
 
     def __init__(self, kappa: float = 1.0, t_min: float = 1e-9, probes: int = 1, estimator_every: int = 1,
-                 fused: bool = True, hvp: str = 'fd', fd_scale: float = hvp_lib.FD_SCALE) -> None:
+                 fused: bool = True, hvp: str = 'fd', fd_scale: float = hvp_lib.FD_SCALE,
+                 fd_checkpoint: int = 0) -> None:
         if not kappa > 0 or not t_min >= 0 or probes < 1 or estimator_every < 1:
             raise ValueError(f'AnisoStage2Loss needs kappa > 0, t_min >= 0, probes >= 1 and estimator_every >= 1, '
                              f'got {kappa}, {t_min}, {probes}, {estimator_every}')
-        if hvp not in hvp_lib.HVP_METHODS or not fd_scale > 0:
-            raise ValueError(f'AnisoStage2Loss needs hvp in {hvp_lib.HVP_METHODS} and fd_scale > 0, got {hvp!r}, '
-                             f'{fd_scale}')
+        if hvp not in hvp_lib.HVP_METHODS or not fd_scale > 0 or fd_checkpoint < 0:
+            raise ValueError(f'AnisoStage2Loss needs hvp in {hvp_lib.HVP_METHODS}, fd_scale > 0 and fd_checkpoint >= 0, '
+                             f'got {hvp!r}, {fd_scale}, {fd_checkpoint}')
         self.kappa = float(kappa)
         self.t_min = float(t_min)
         self.probes = int(probes)
@@ -212,6 +213,7 @@ class AnisoStage2Loss:
         self.fused = bool(fused)
         self.hvp = str(hvp)
         self.fd_scale = float(fd_scale)
+        self.fd_checkpoint = int(fd_checkpoint)
         self.step_index = 0
 
     def begin_step(self, step_index: int) -> None:
@@ -288,7 +290,7 @@ class AnisoStage2Loss:
             a = torch.autograd.grad(_dot(b, f).sum(), x_live, retain_graph=True)[0]
 
         def vjp(x2: torch.Tensor) -> torch.Tensor:
-            with rng.replay():
+            with rng.replay(), hvp_lib.checkpoint_blocks(net, self.fd_checkpoint):
                 return hvp_lib.input_vjp(flow, x2, b, params)
 
         delta = hvp_lib.fd_delta(x, torch.minimum(g, h).detach().sqrt(), self.fd_scale)

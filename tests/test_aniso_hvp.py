@@ -230,7 +230,25 @@ def test_off_steps_build_no_estimator_graph(monkeypatch):
         assert not any(kw.get('create_graph') for kw in calls)
 
 
+def test_fd_checkpointed_second_call_gives_the_same_gradients():
+    """fd_checkpoint recomputes blocks of the second call in its backward, replaying their dropout masks."""
+    torch.manual_seed(0)
+    net = AnisoPrecond(8, 3, stage=2, subspace='dct', **dict(TINY, dropout=0.2)).train()
+    with torch.no_grad():
+        for p in net.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    y, labels, t, eps, probes = _batch()
+    plain = _stage2_grads(net, 'fd', y, labels, t, eps, probes)
+    ckpt = _stage2_grads(net, 'fd', y, labels, t, eps, probes, fd_checkpoint=2)
+    blocks = [m for m in net.model.modules() if type(m).__name__ == 'UNetBlock']
+    assert len(blocks) > 2 and all('forward' not in vars(m) for m in blocks)   # restored afterwards
+    for u, v in zip(plain[1:], ckpt[1:]):
+        assert torch.allclose(u, v, rtol=1e-5, atol=1e-9)
+
+
 def test_loss_checks_hvp_option():
     with pytest.raises(ValueError):
         AnisoStage2Loss(hvp='forward')
+    with pytest.raises(ValueError):
+        AnisoStage2Loss(fd_checkpoint=-1)
     assert AnisoStage2Loss().hvp == 'fd'
