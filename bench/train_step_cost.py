@@ -111,14 +111,17 @@ def measure(net_name: str, batch: int, rounds: int, device: torch.device, cbase:
             threads: int | None = None, memory: bool = True, kinds: tuple[str, ...] = KINDS,
             progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Per kind: median seconds per step and median paired ratio to the first kind ('edm'), timed in rotation in this
-    process; peak memory (MiB, each kind in its own process) and its ratio to the first kind's."""
+    process (no timing when rounds = 0); peak memory (MiB, each kind in its own process) and its ratio to the first
+    kind's."""
     if threads is not None:
         torch.set_num_threads(threads)
-    units = {kind: _build(kind, net_name, batch, cbase, device) for kind in kinds}
-    times = timing.rotation({kind: fn for kind, (fn, _) in units.items()}, rounds, device, warmup=1,
-                            progress=progress)
-    per_step = {kind: [t / units[kind][1] for t in ts] for kind, ts in times.items()}
-    del units
+    per_step: dict[str, list[float]] = {kind: [] for kind in kinds}
+    if rounds > 0:
+        units = {kind: _build(kind, net_name, batch, cbase, device) for kind in kinds}
+        times = timing.rotation({kind: fn for kind, (fn, _) in units.items()}, rounds, device, warmup=1,
+                                progress=progress)
+        per_step = {kind: [t / units[kind][1] for t in ts] for kind, ts in times.items()}
+        del units
     ratios = timing.paired_ratios(per_step, kinds[0])
     rows = []
     for kind in kinds:
@@ -155,8 +158,10 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
     nets = list(dict.fromkeys(r['net'] for r in rows))
     kinds = [k for k in dict.fromkeys(r['kind'] for r in rows) if k != 'edm']
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, title in [(axes[0], 'time_ratio', 'step time / EDMLoss'), (axes[1], 'mem_ratio', 'peak memory / EDMLoss')]:
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    panels = [(axes[0], 'time_ratio', 'CPU time per step / EDMLoss'), (axes[1], 'mem_ratio', 'peak memory / EDMLoss'),
+              (axes[2], 'step_mem_ratio', 'memory a steady step adds / EDMLoss')]
+    for ax, key, title in panels:
         width = 0.8 / max(len(kinds), 1)
         for i, kind in enumerate(kinds):
             values = [next((r[key] for r in rows if r['net'] == n and r['kind'] == kind), float('nan')) for n in nets]
@@ -176,8 +181,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
               'stage2-ckptN: stage 2 with fd_checkpoint=N)',
               default=','.join(KINDS), show_default=True)
 @click.option('--batch', help='Batch per step', type=click.IntRange(min=1), default=4, show_default=True)
-@click.option('--rounds', help='Timed rounds (after one warm-up round)', type=click.IntRange(min=1), default=5,
-              show_default=True)
+@click.option('--rounds', help='Timed rounds (after one warm-up round); 0 = memory only', type=click.IntRange(min=0),
+              default=5, show_default=True)
 @click.option('--cbase', help='Override model_channels of the cifar net', type=click.IntRange(min=1))
 @click.option('--device', help='cpu, cuda, cuda:N  [default: cuda if available]', type=str)
 @click.option('--threads', help='CPU threads', type=click.IntRange(min=1))

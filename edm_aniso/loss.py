@@ -181,7 +181,9 @@ class AnisoStage2Loss:
 
     ``hvp`` (``--hvp``): how wiring step (2) gets q = grad_x <a, e>: 'fd' (default), a one-sided difference of the VJP
     with a second network call that replays the first one's randomness, no create_graph (``edm_aniso.hvp``); or
-    'autograd', the double backward (the reference).
+    'autograd', the double backward (the reference). ``fd_scale``: c of the fd's step rule (``hvp.fd_delta``).
+    ``fd_checkpoint = N``: the fd's second call runs its first N residual blocks under activation checkpointing
+    (``hvp.checkpoint_blocks``): less peak memory for one more forward of those blocks.
 
     ``estimator_every = k`` (``--estimator-every``): the surrogate runs only on steps with step_index % k == 0 (set by
     ``begin_step``) and is multiplied by k there, so that over any k consecutive steps the theta-gradient (iii) has the
@@ -204,8 +206,8 @@ class AnisoStage2Loss:
             raise ValueError(f'AnisoStage2Loss needs kappa > 0, t_min >= 0, probes >= 1 and estimator_every >= 1, '
                              f'got {kappa}, {t_min}, {probes}, {estimator_every}')
         if hvp not in hvp_lib.HVP_METHODS or not fd_scale > 0 or fd_checkpoint < 0:
-            raise ValueError(f'AnisoStage2Loss needs hvp in {hvp_lib.HVP_METHODS}, fd_scale > 0 and fd_checkpoint >= 0, '
-                             f'got {hvp!r}, {fd_scale}, {fd_checkpoint}')
+            raise ValueError(f'AnisoStage2Loss needs hvp in {hvp_lib.HVP_METHODS}, fd_scale > 0 and '
+                             f'fd_checkpoint >= 0, got {hvp!r}, {fd_scale}, {fd_checkpoint}')
         self.kappa = float(kappa)
         self.t_min = float(t_min)
         self.probes = int(probes)
