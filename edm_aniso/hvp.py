@@ -13,8 +13,13 @@ Step rule (``fd_delta``): per sample, delta = c * sqrt(eps_mach) * sqrt(d) * s w
 sigma_min = sqrt(min(g, h)) the smaller noise level of the sample, d the dimension and eps_mach the machine epsilon of
 x's dtype. So each coordinate moves by about c * sqrt(eps_mach) * s: above the rounding of x (|x_i| <~ s) and small
 against the scale sigma_min on which the flow bends. The one-sided difference then has truncation error
-O(delta) and rounding error O(eps_mach / delta), both ~ sqrt(eps_mach) relative; c = ``FD_SCALE`` was chosen on the
-CIFAR-10 DDPM++ net and the float64 mixture of the tests (tests/test_aniso_hvp.py).
+O(delta) and rounding error O(eps_mach / delta), both ~ sqrt(eps_mach) relative. c = ``FD_SCALE`` = 1 minimised the
+error on the CIFAR-10 DDPM++ architecture of tests/test_aniso_hvp.py (float32, dropout on, output layers at full
+scale): 3e-3 to 4e-3 relative per probe at sigma 0.05, 2 and 40, against about 1e-2 at c = 0.3 and 6e-3 at c = 3; on
+the float64 mixture it is below 1e-6. That per-probe error is far below the Hutchinson probe's own spread, and its
+leading (truncation) part (delta/2) T[e, e] is even in e, so it adds nothing to the mean of T1 = d/2 <q, A e> to
+first order. (A central difference around x reached 3e-4 at c = 10 in the same test, but it needs either a third
+network call or the regression term evaluated at x - delta e / 2, which moved phi's gradient by 4e-3 to 5e-2.)
 """
 
 from __future__ import annotations
