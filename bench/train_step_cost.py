@@ -6,7 +6,8 @@ One training step = zero_grad, loss on a batch, backward of sum/batch, Adam on p
 Every configuration uses the same backbone weights, batch and device. Kinds: edm (EDMLoss), stage1, stage2 (estimator
 every step, --hvp=fd), stage2-autograd (the same with --hvp=autograd, the reference), stage2-every4 (--hvp=fd
 --estimator-every=4: one timing unit is four steps, one with the estimator and three without, divided by four), and
-stage2-ckptN (stage 2 with the fd's second call checkpointing its first N residual blocks, ``fd_checkpoint=N``).
+stage2-ckptN (stage 2 with the fd's second call checkpointing its first N residual blocks, ``fd_checkpoint=N``;
+the default is 3). Every other kind uses the loss's defaults.
 
 Time (bench/timing.py): process CPU time on CPU (wall time on CUDA), every kind once per round in rotation, the first
 round a warm-up; reported are the median over rounds of each kind's time / EDM's time in the same round, and the
@@ -74,10 +75,10 @@ def _build(kind: str, net_name: str, batch: int, cbase: int | None, device: torc
     else:
         stage = 1 if kind == 'stage1' else 2
         net = AnisoPrecond(res, 3, label_dim=10, stage=stage, subspace='iso' if stage == 1 else 'dct', **kwargs)
+        extra_kw = dict(fd_checkpoint=int(kind[len('stage2-ckpt'):])) if kind.startswith('stage2-ckpt') else {}
         loss_fn = AnisoStage1Loss() if stage == 1 else AnisoStage2Loss(
             estimator_every=4 if kind == 'stage2-every4' else 1,
-            hvp='autograd' if kind == 'stage2-autograd' else 'fd',
-            fd_checkpoint=int(kind[len('stage2-ckpt'):]) if kind.startswith('stage2-ckpt') else 0)
+            hvp='autograd' if kind == 'stage2-autograd' else 'fd', **extra_kw)
     net.model.load_state_dict(state)
     del state
     net.train().requires_grad_(True).to(device)

@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 FD_SCALE = 1.0          # c of the step rule above.
+FD_CHECKPOINT = 3       # residual blocks of the second call run under activation checkpointing (memory).
 HVP_METHODS = ('fd', 'autograd')
 
 

@@ -183,7 +183,8 @@ class AnisoStage2Loss:
     with a second network call that replays the first one's randomness, no create_graph (``edm_aniso.hvp``); or
     'autograd', the double backward (the reference). ``fd_scale``: c of the fd's step rule (``hvp.fd_delta``).
     ``fd_checkpoint = N``: the fd's second call runs its first N residual blocks under activation checkpointing
-    (``hvp.checkpoint_blocks``): less peak memory for one more forward of those blocks.
+    (``hvp.checkpoint_blocks``): less peak memory for one more forward of those blocks (default 3: on EDM's CIFAR-10
+    DDPM++ net, three of the four full-resolution encoder blocks; bench/RESULTS.md "Training-step cost").
 
     ``estimator_every = k`` (``--estimator-every``): the surrogate runs only on steps with step_index % k == 0 (set by
     ``begin_step``) and is multiplied by k there, so that over any k consecutive steps the theta-gradient (iii) has the
@@ -201,7 +202,7 @@ class AnisoStage2Loss:
 
     def __init__(self, kappa: float = 1.0, t_min: float = 1e-9, probes: int = 1, estimator_every: int = 1,
                  fused: bool = True, hvp: str = 'fd', fd_scale: float = hvp_lib.FD_SCALE,
-                 fd_checkpoint: int = 0) -> None:
+                 fd_checkpoint: int = hvp_lib.FD_CHECKPOINT) -> None:
         if not kappa > 0 or not t_min >= 0 or probes < 1 or estimator_every < 1:
             raise ValueError(f'AnisoStage2Loss needs kappa > 0, t_min >= 0, probes >= 1 and estimator_every >= 1, '
                              f'got {kappa}, {t_min}, {probes}, {estimator_every}')

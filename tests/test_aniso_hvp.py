@@ -238,7 +238,7 @@ def test_fd_checkpointed_second_call_gives_the_same_gradients():
         for p in net.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     y, labels, t, eps, probes = _batch()
-    plain = _stage2_grads(net, 'fd', y, labels, t, eps, probes)
+    plain = _stage2_grads(net, 'fd', y, labels, t, eps, probes, fd_checkpoint=0)
     ckpt = _stage2_grads(net, 'fd', y, labels, t, eps, probes, fd_checkpoint=2)
     blocks = [m for m in net.model.modules() if type(m).__name__ == 'UNetBlock']
     assert len(blocks) > 2 and all('forward' not in vars(m) for m in blocks)   # restored afterwards
