@@ -248,8 +248,8 @@ def test_bad_transfer_is_one_line_before_the_run_folder(finished_run, tmp_path, 
 
 @pytest.mark.parametrize('extra, message', [
     (['--cond=0'], 'label_dim=3, these options give label_dim=0 (check --cond)'),
-    (['--augment=0.2'], 'augment_dim=None, these options give augment_dim=9 (check --augment)'),
-    (['--precond=vp'], 'holds a EDMPrecond network, but these options build VPPrecond (check --precond)'),
+    (['--augment=0.2'], 'augment_dim=0, these options give augment_dim=9 (check --augment)'),
+    (['--precond=vp'], 'holds a network of class EDMPrecond, these options build VPPrecond (check --precond)'),
     (['--cbase=16'], 'model_channels=8, these options give model_channels=16 (check --cbase)'),
 ])
 def test_resume_from_another_configuration_is_one_line(finished_run, tmp_path, extra, message):

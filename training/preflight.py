@@ -321,8 +321,8 @@ def check_resume(state: dict, path: str, c: dnnlib.EasyDict, summary: DatasetSum
     old = state['net']
     want_class = c.network_kwargs.class_name.split('.')[-1]
     if _class_name(old) != want_class:
-        raise click.ClickException(f'--resume: {path} holds a {_class_name(old)} network, but these options build '
-                                   f'{want_class} (check --precond)')
+        raise click.ClickException(f'--resume: {path} holds a network of class {_class_name(old)}, '
+                                   f'these options build {want_class} (check --precond)')
     recorded = getattr(old, 'init_kwargs', None)
     if isinstance(recorded, dict):
         wanted = dict(c.network_kwargs, img_resolution=summary.resolution, img_channels=summary.channels,
@@ -332,9 +332,11 @@ def check_resume(state: dict, path: str, c: dnnlib.EasyDict, summary: DatasetSum
             if key in RESUME_FREE_KWARGS:
                 continue
             a, b = recorded.get(key), wanted.get(key)
+            if key == 'augment_dim':
+                a, b = a or 0, b or 0
             if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
                 a, b = list(a), list(b)
-            if a != b and not (key == 'augment_dim' and not a and not b):
+            if a != b:
                 option = KWARG_OPTIONS.get(key, f'the option that sets {key}')
                 raise click.ClickException(f'--resume: {path} was trained with {key}={a!r}, these options give '
                                            f'{key}={b!r} (check {option})')
