@@ -20,6 +20,8 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
+from training import builtin_sources
+
 Record = dict  # {'img': HWC or HW uint8 array, 'label': int | list | None, 'name': str}
 Transform = Callable[[np.ndarray], Optional[np.ndarray]]
 
@@ -350,7 +352,8 @@ def convert_dataset(
     PIL.Image.init()
     width, height = resolution if resolution is not None else (None, None)
     transform_fn = make_transform(transform, width, height)
-    total, records = open_dataset(source, max_images=max_images)
+    total, records = (builtin_sources.open_builtin(source, max_images=max_images, resolution=resolution)
+                      or open_dataset(source, max_images=max_images))
     if total == 0:
         raise click.ClickException(f'--source {source} holds no images (nothing to convert)')
     if dest.lower().endswith('.zip') and os.path.isfile(dest) and not overwrite:
@@ -426,6 +429,13 @@ def main(source: str, dest: str, max_images: Optional[int], transform: Optional[
     --source cifar-10-python.tar.gz      CIFAR-10 training set with class labels
     --source train-images-idx3-ubyte.gz  MNIST, padded to 32x32, with class labels
     --source *_lmdb/                     LSUN LMDB (needs the lmdb package)
+    --source sklearn-digits[:size=16,mode=pad|nearest]
+                                         scikit-learn's 1,797 8x8 digits, labels 0-9 (size=16: padded or 2x2
+                                         nearest-neighbour upscaled to 16x16)
+    --source photo-patches[:color=rgb|grey,zoom=K,seed=N,labels=1,photos=a+b]
+                                         random RxR crops (--resolution=RxR, required; --max-images patches,
+                                         default 10000; seed 0) of the photographs shipped with scikit-learn and
+                                         scikit-image; labels=1: which photograph (see training/builtin_sources.py)
 
     \b
     --dest /path/to/dir                  write PNGs into an empty or new folder

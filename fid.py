@@ -4,6 +4,13 @@
 a dataset. Both run as one process or under torchrun (features are extracted in parallel and the sums are reduced).
 The detector is EDM's Inception-v3 pickle, or any pickle given with --detector / $EDM_FID_DETECTOR that is called as
 ``detector(uint8 NCHW, return_features=True) -> [N, D]``.
+
+``--detector=pixels`` needs no download: the features are the pixels themselves (C·H·W values in EDM's scale
+v/127.5 − 1, grey images kept at one channel), so the distance is the Fréchet distance in pixel space, the *pixel FD*
+(not FID). An orthogonal transform of the pixels (such as the DCT) leaves it unchanged. It is refused with one line
+unless there are at least PIXEL_IMAGES_PER_DIM images per pixel value (otherwise the D x D covariance cannot be
+estimated). Pixel statistics record it (``detector`` = 'pixels' in the .npz; Inception statistics stay EDM's two
+arrays), and pixel and Inception statistics are never compared with each other.
 """
 
 from __future__ import annotations
@@ -23,12 +30,16 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 
-__all__ = ['DETECTOR_URL', 'DETECTOR_ENV', 'load_detector', 'calculate_inception_stats', 'frechet_distance',
-           'calculate_fid_from_inception_stats', 'load_reference_stats', 'save_reference_stats', 'main']
+__all__ = ['DETECTOR_URL', 'DETECTOR_ENV', 'PIXELS', 'PIXEL_IMAGES_PER_DIM', 'load_detector', 'pixel_features',
+           'pixel_stats', 'check_pixel_size', 'calculate_inception_stats', 'frechet_distance',
+           'calculate_fid_from_inception_stats', 'load_reference_stats', 'check_same_detector', 'is_pixels',
+           'save_reference_stats', 'main']
 
 DETECTOR_URL = ('https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/'
                 'inception-2015-12-05.pkl')     # StyleGAN3's PyTorch port of TF inception-2015-12-05 (2048-d pool3)
 DETECTOR_ENV = 'EDM_FID_DETECTOR'              # environment override of the detector path or URL
+PIXELS = 'pixels'                              # --detector=pixels: the pixel FD (features = pixels), no download
+PIXEL_IMAGES_PER_DIM = 10                      # the pixel FD needs N >= 10 * C*H*W images
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Detector
@@ -53,6 +64,52 @@ def load_detector(detector: Optional[str] = None, device: Union[str, torch.devic
     if not callable(net) or not hasattr(net, 'to'):
         raise ValueError(f'"{location}" does not hold a detector module (got {type(net).__name__})')
     return net.to(device)
+
+
+def is_pixels(detector: Optional[str]) -> bool:
+    """True when the detector (argument or $EDM_FID_DETECTOR) is the pixel-space one."""
+    return detector_location(detector) == PIXELS
+
+
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """The pixel detector: uint8 [N, C, H, W] -> float64 [N, C*H*W] in EDM's data scale, v / 127.5 - 1."""
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f'pixel features need uint8 NCHW images, got {images.dtype} {list(images.shape)}')
+    return images.flatten(1).to(torch.float64) / 127.5 - 1
+
+
+def check_pixel_size(image_shape: Any, num_images: int, where: str = 'the images') -> None:
+    """Refuse the pixel FD when N < PIXEL_IMAGES_PER_DIM * C*H*W: the covariance cannot be estimated from N images."""
+    dim = int(np.prod(list(image_shape)))
+    if num_images < PIXEL_IMAGES_PER_DIM * dim:
+        shape = 'x'.join(str(int(v)) for v in image_shape)
+        raise ValueError(f'--detector=pixels: {where} are {shape} = {dim} values, too many for {num_images} images '
+                         f'(the pixel FD needs at least {PIXEL_IMAGES_PER_DIM} images per value, '
+                         f'{PIXEL_IMAGES_PER_DIM * dim}); use smaller images or more of them')
+
+
+def pixel_stats(images: torch.Tensor, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and unbiased covariance [D, D] (float64) of the pixel features of uint8 NCHW images (in memory).
+
+    The same sums as ``calculate_inception_stats(..., detector='pixels')``; refuses sets that are too small.
+    """
+    check_pixel_size(images.shape[1:], images.shape[0])
+    dim = int(np.prod(images.shape[1:]))
+    total, outer = torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dim, dtype=torch.float64)
+    for start in range(0, images.shape[0], batch):
+        f = pixel_features(images[start:start + batch].cpu())
+        total += f.sum(0)
+        outer += f.T @ f
+    n = images.shape[0]
+    mu = total / n
+    return mu.numpy(), ((outer - n * torch.outer(mu, mu)) / (n - 1)).numpy()
+
+
+class _PixelDetector(torch.nn.Module):
+    """The ``--detector=pixels`` module, called like EDM's Inception pickle."""
+
+    def forward(self, images: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+        return pixel_features(images)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -115,10 +172,13 @@ def calculate_inception_stats(
     num_workers: int = 3,                       # DataLoader workers
     prefetch_factor: int = 2,                   # batches prefetched per worker
     device: Union[str, torch.device, None] = None,  # None: cuda if available, else cpu
-    detector: Optional[str] = None,             # detector pickle path or URL; None: $EDM_FID_DETECTOR or EDM's URL
+    detector: Optional[str] = None,             # pickle path or URL, or 'pixels'; None: $EDM_FID_DETECTOR or EDM's URL
     progress: bool = True,                      # tqdm bar on rank 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean [D] and unbiased covariance [D, D] (fp64) of the detector features of the images (edm-interface §1.4).
+
+    With ``detector='pixels'`` the features are the pixels (:func:`pixel_features`; grey stays one channel), and too
+    few images for their number of values is an error (:func:`check_pixel_size`).
 
     Under torchrun every rank extracts the features of its share of the batches; the sums Σf and Σffᵀ are reduced.
     """
@@ -131,10 +191,13 @@ def calculate_inception_stats(
     if rank != 0:
         dist.barrier()
     try:
-        dist.print0('Loading feature detector...')
-        net = load_detector(detector, device=device, verbose=(rank == 0))
+        pixels = is_pixels(detector)
+        dist.print0('Features: the pixels (pixel FD, not FID)' if pixels else 'Loading feature detector...')
+        net = _PixelDetector() if pixels else load_detector(detector, device=device, verbose=(rank == 0))
         dist.print0(f'Loading images from "{image_path}"...')
         images = open_images(image_path, num_expected, seed)
+        if pixels:
+            check_pixel_size(images.image_shape, len(images), f'the images in "{image_path}"')
     finally:
         if rank == 0:
             dist.barrier()
@@ -156,7 +219,7 @@ def calculate_inception_stats(
             if batch.shape[1:] != tuple(images.image_shape):
                 raise ValueError(f'images in "{image_path}" differ in size: {list(batch.shape[1:])} vs '
                                  f'{images.image_shape}; all images must have the same size')
-            if batch.shape[1] == 1:
+            if batch.shape[1] == 1 and not pixels:
                 batch = batch.repeat([1, 3, 1, 1])
             features = net(batch.to(device), return_features=True)
             if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[0] != batch.shape[0]:
@@ -247,8 +310,9 @@ def calculate_fid_from_inception_stats(mu: np.ndarray, sigma: np.ndarray, mu_ref
 # Reference statistics (.npz with mu [D] and sigma [D, D], float64)
 
 
-def load_reference_stats(path: str, verbose: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Read and check EDM's reference ``.npz`` (path or URL)."""
+def load_reference_stats(path: str, verbose: bool = True, with_detector: bool = False) -> tuple:
+    """Read and check EDM's reference ``.npz`` (path or URL): (mu, sigma), and with ``with_detector`` also the
+    detector it records (``'pixels'``, a detector location, or None for files without one, such as EDM's)."""
     try:
         with dnnlib.util.open_url(path, verbose=verbose) as f:
             with np.load(f, allow_pickle=False) as data:
@@ -265,17 +329,34 @@ def load_reference_stats(path: str, verbose: bool = True) -> tuple[np.ndarray, n
                          f'expected [D] and [D, D]')
     if not (np.issubdtype(mu.dtype, np.number) and np.issubdtype(sigma.dtype, np.number)):
         raise ValueError(f'reference statistics "{path}" are not numeric ({mu.dtype}, {sigma.dtype})')
-    return mu.astype(np.float64), sigma.astype(np.float64)
+    if not with_detector:
+        return mu.astype(np.float64), sigma.astype(np.float64)
+    recorded = contents.get('detector')
+    recorded = None if recorded is None or recorded.ndim != 0 else str(recorded)
+    return mu.astype(np.float64), sigma.astype(np.float64), recorded
 
 
-def save_reference_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Write ``np.savez(path, mu=mu, sigma=sigma)``, creating parent folders. As np.savez, a name without ``.npz``
-    gets it appended. The file is written atomically: into a temporary file in the same folder (through an open file
-    object, so np.savez adds no suffix to it), then renamed into place."""
+def check_same_detector(recorded: Optional[str], detector: Optional[str], ref_path: str) -> None:
+    """Refuse comparing pixel statistics with detector (Inception) statistics, either way round."""
+    ref_pixels, now_pixels = recorded == PIXELS, is_pixels(detector)
+    if ref_pixels and not now_pixels:
+        raise ValueError(f'reference statistics "{ref_path}" are pixel statistics (--detector=pixels); '
+                         f'pass --detector=pixels to compare with them')
+    if now_pixels and not ref_pixels:
+        raise ValueError(f'reference statistics "{ref_path}" are not pixel statistics (detector: '
+                         f'{recorded or "Inception, not recorded"}); make them with fid.py ref --detector=pixels')
+
+
+def save_reference_stats(path: str, mu: np.ndarray, sigma: np.ndarray, detector: Optional[str] = None) -> None:
+    """Write ``np.savez(path, mu=mu, sigma=sigma[, detector=...])``, creating parent folders. As np.savez, a name
+    without ``.npz`` gets it appended. ``detector`` (a string, e.g. 'pixels') is stored as a 0-d array; EDM's readers
+    ignore it. The file is written atomically: into a temporary file in the same folder (through an open file object,
+    so np.savez adds no suffix to it), then renamed into place."""
     if not path.endswith('.npz'):
         path += '.npz'
     mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
-    dnnlib.util.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+    extra = {} if detector is None else {'detector': np.array(str(detector))}
+    dnnlib.util.atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, **extra))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -284,7 +365,7 @@ def save_reference_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
 
 @click.group()
 def main() -> None:
-    """Calculate Fréchet Inception Distance (FID), EDM-compatible.
+    """Calculate Fréchet Inception Distance (FID), EDM-compatible; or, with --detector=pixels, the pixel FD.
 
     Examples:
 
@@ -306,6 +387,12 @@ def main() -> None:
     \b
     # Offline: a local copy of the Inception detector
     python fid.py calc --images=fid-tmp --ref=REF.npz --detector=inception-2015-12-05.pkl
+
+    \b
+    # No detector at all, small images: the pixel FD (Frechet distance of the pixels in [-1, 1]; not FID). Needs at
+    # least 10 images per pixel value (C*H*W), e.g. 10000 images for 16x16 grey or 8x8 RGB and more for 16x16 RGB
+    python fid.py ref --data=datasets/patches-8x8.zip --dest=fid-refs/patches-8x8-pixels.npz --detector=pixels
+    python fid.py calc --images=out --ref=fid-refs/patches-8x8-pixels.npz --num=10000 --detector=pixels
     """
 
 
@@ -316,8 +403,9 @@ def _cli_workers() -> int:
 
 
 def _detector_option() -> Any:
-    return click.option('--detector', help=f'Feature detector pickle  [default: ${DETECTOR_ENV} or EDM\'s '
-                                          'Inception-v3 URL]', metavar='PKL|URL', type=str, default=None)
+    return click.option('--detector', help=f'Feature detector pickle, or "pixels" for the pixel FD (no download)  '
+                                          f'[default: ${DETECTOR_ENV} or EDM\'s Inception-v3 URL]',
+                        metavar='PKL|URL|pixels', type=str, default=None)
 
 
 def _device_option() -> Any:
@@ -344,10 +432,12 @@ def calc(image_path: str, ref_path: str, num_expected: int, seed: int, batch: in
         ref = None
         if dist.get_rank() == 0:
             print(f'Loading dataset reference statistics from "{ref_path}"...')
-            ref = load_reference_stats(ref_path)
+            ref = load_reference_stats(ref_path, with_detector=True)
+            check_same_detector(ref[2], detector, ref_path)
         mu, sigma = calculate_inception_stats(image_path, num_expected=num_expected, seed=seed, max_batch_size=batch,
                                               num_workers=_cli_workers(), device=dev, detector=detector)
-        dist.print0('Calculating FID...')
+        dist.print0('Calculating pixel FD (Frechet distance of the pixels, not FID)...' if is_pixels(detector)
+                    else 'Calculating FID...')
         if ref is not None:
             if ref[0].shape != mu.shape:
                 raise ValueError(f'reference statistics "{ref_path}" are {ref[0].shape[0]}-dimensional but the '
@@ -373,7 +463,7 @@ def ref(dataset_path: str, dest_path: str, batch: int, detector: Optional[str], 
                                               device=dev, detector=detector)
         dist.print0(f'Saving dataset reference statistics to "{dest_path}"...')
         if dist.get_rank() == 0:
-            save_reference_stats(dest_path, mu, sigma)
+            save_reference_stats(dest_path, mu, sigma, detector=PIXELS if is_pixels(detector) else None)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from err
     dist.barrier()
