@@ -609,3 +609,43 @@ def test_train_has_a_pg_timeout_option(monkeypatch):
                         (_ for _ in ()).throw(ValueError('stop here')))
     code, output = cli(['--outdir=x', '--data=y', '--pg-timeout=90'])
     assert seen['timeout'] == 90 and code == 1
+
+
+@pytest.mark.slow
+def test_bad_input_under_torchrun_is_one_line_from_rank_0(tmp_path, data_zip):
+    """Rank 0 checks the dataset and prints the line; rank 1 exits quietly (no second line, no traceback of ours)."""
+    bad = _zip_of(tmp_path / 'bad.zip', BAD_DATASETS['mixed-sizes'][0])
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             os.path.join(ROOT, 'train.py'), f'--outdir={tmp_path / "runs"}', f'--data={bad}',
+                             '--duration=0.001', *TINY], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                            timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count('Error: --data:') == 1 and 'all images must have the same size' in output, output[-3000:]
+    assert 'preflight.py' not in output and 'train.py", line' not in output
+    assert not (tmp_path / 'runs').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Also: the newest snapshot without run numbers.
+
+
+def test_latest_snapshot_tool(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    import latest_snapshot
+    for run, files in [('00000-a-edm', ['network-snapshot-000004.pkl', 'training-state-000004.pt']),
+                       ('00001-b-stage1', ['network-snapshot-000002.pkl', 'network-snapshot-000010.pkl',
+                                           'training-state-000002.pt']),
+                       ('00002-c-edm', []),                        # a run that wrote nothing yet
+                       ('notes', ['network-snapshot-000099.pkl'])]:   # not a run folder
+        (tmp_path / run).mkdir()
+        for name in files:
+            (tmp_path / run / name).write_bytes(b'')
+    assert latest_snapshot.latest(str(tmp_path)) == str(tmp_path / '00001-b-stage1' / 'network-snapshot-000010.pkl')
+    assert latest_snapshot.latest(str(tmp_path), desc='-edm') == str(tmp_path / '00000-a-edm' /
+                                                                      'network-snapshot-000004.pkl')
+    assert latest_snapshot.latest(str(tmp_path), kind='state') == str(tmp_path / '00001-b-stage1' /
+                                                                       'training-state-000002.pt')
+    code, output = cli([str(tmp_path / '00002-c-edm')], latest_snapshot.main)
+    assert code == 1 and 'no network-snapshot-*.pkl in' in one_line_error(output)
