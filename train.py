@@ -236,6 +236,8 @@ def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.Ea
 
     # Dataset: every image header and dataset.json first, then explicit resolution and size.
     summary = preflight.on_rank0(lambda: preflight.scan_dataset(opts.data))
+    if summary.num_images >= 10000:
+        dist.print0(f'Checked {summary.num_images} images and dataset.json in {summary.seconds:.1f} s.')
     try:
         dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
     except (IOError, ValueError) as err:

@@ -24,7 +24,7 @@ import pickle
 import re
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
 import click
@@ -89,7 +89,6 @@ class DatasetSummary:
     resolution: int
     labels: str                 # 'none', 'classes' or 'vectors'
     seconds: float              # wall time of the scan
-    names: list = field(default_factory=list, repr=False)
 
 
 class _Source:
@@ -222,7 +221,7 @@ def scan_dataset(path: str, progress: bool = True) -> DatasetSummary:
         source.close()
     assert first is not None
     return DatasetSummary(path=path, num_images=len(images), channels=IMAGE_MODES[first[1]], resolution=first[0],
-                          labels=labels, seconds=time.time() - start, names=images)
+                          labels=labels, seconds=time.time() - start)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
