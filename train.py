@@ -147,7 +147,7 @@ def inspect_state(state: dict, path: str) -> ResumeRecord:
                         options=options, source=source)
 
 
-def start_from(opts: dnnlib.EasyDict, c: dnnlib.EasyDict, device: torch.device) -> Optional[ResumeRecord]:
+def start_from(opts: dnnlib.EasyDict, c: dnnlib.EasyDict) -> Optional[ResumeRecord]:
     """Set the resume/transfer keys of the config (before the recipe configures it); returns the resume record."""
     if opts.transfer is not None and opts.resume is not None:
         raise click.ClickException('--transfer and --resume cannot be used together')
@@ -170,9 +170,6 @@ def start_from(opts: dnnlib.EasyDict, c: dnnlib.EasyDict, device: torch.device) 
     for key in ('total_kimg', 'seed'):
         if key in resumed.options and not _given(CONTINUED[key]):
             c[key] = resumed.options[key]
-    if 'seed' not in resumed.options and opts.seed is None:
-        dist.print0(f'Note: {opts.resume} records no seed; the resumed run draws a new one ({c.seed}), so its data '
-                    f'order differs from the original run\'s.')
     return resumed
 
 
@@ -199,6 +196,14 @@ def check_start(opts: dnnlib.EasyDict, c: dnnlib.EasyDict, summary: preflight.Da
             finally:
                 _state_cache.clear()
         preflight.on_rank0(check)
+        dist.print0(f'Resuming from {opts.resume} at {resumed.cur_nimg / 1000:g} kimg (run options from '
+                    f'{resumed.source}).')
+        if 'seed' not in resumed.options and opts.seed is None:
+            dist.print0(f'Note: {opts.resume} records no seed; the resumed run draws a new one ({c.seed}), so its '
+                        f'data order differs from the original run\'s.')
+        elif 'seed' in resumed.options and c.seed != resumed.options['seed']:
+            dist.print0(f'Note: --seed={c.seed} differs from the seed of the resumed run ({resumed.options["seed"]}); '
+                        f'the data order will differ from the original run\'s.')
         return
 
     def check() -> Optional[str]:
@@ -277,7 +282,7 @@ def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.Ea
         state_dump_ticks=opts.dump,
     )
     c.seed = opts.seed if opts.seed is not None else _random_seed(device)
-    resumed = start_from(opts, c, device)
+    resumed = start_from(opts, c)
 
     # Our additions (EDM fixes these): LR ramp and decay, EMA ramp. Absent = EDM's values (or the recipe's).
     if opts.get('lr_rampup') is not None:
