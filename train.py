@@ -470,7 +470,8 @@ def run(opts: dnnlib.EasyDict) -> None:
     logger = None
     try:
         if dist.get_rank() == 0:
-            for folder in {c.run_dir} | ({os.path.dirname(os.path.abspath(opts.resume))} if opts.resume else set()):
+            folders = {c.run_dir, opts.outdir} | ({os.path.dirname(opts.resume) or '.'} if opts.resume else set())
+            for folder in sorted(folders):
                 removed = preflight.remove_stale_temps(folder)
                 if removed:
                     dist.print0(f'Removed {len(removed)} temporary file(s) left by an interrupted run in {folder}')
@@ -484,6 +485,13 @@ def run(opts: dnnlib.EasyDict) -> None:
     except OSError as err:
         where = f'{err.filename}: ' if err.filename else ''
         raise click.ClickException(f'cannot write {where}{err.strerror or err}; files written before are intact')
+    except RuntimeError as err:
+        backend_error = getattr(torch.distributed, 'DistBackendError', ())
+        if not (isinstance(err, backend_error) or 'timed out' in str(err).lower()):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise click.ClickException(f'rank {dist.get_rank()}: a collective failed or timed out (another rank froze or '
+                                   f'died; --pg-timeout sets the limit): {first}')
     finally:
         if logger is not None:
             logger.close()

@@ -366,13 +366,15 @@ def check_outdir(outdir: str) -> None:
 
 
 # `.<final name>.<random>.tmp` as dnnlib.util.atomic_write names its temporary files, for the files a run writes.
-TEMP_NAME = re.compile(r'\.(network-snapshot-\d+\.pkl|training-state-\d+\.pt|training_options\.json)\.[^.]+\.tmp')
+TEMP_NAME = re.compile(r'\.(network-snapshot-\d+\.pkl|training-state-\d+\.pt|training_options\.json|'
+                       r'pca-bases-.+-k\d+\.pt)\.[a-z0-9_]+\.tmp')
 
 
 def remove_stale_temps(folder: str, min_age_s: float = 60) -> list[str]:
     """Delete the temporary files of interrupted atomic writes of a run folder; returns their paths.
 
-    Only files named like the run's own (snapshots, states, training_options.json) and untouched for `min_age_s`
+    Only files named like the run's own (snapshots, states, training_options.json, the plugin's automatic PCA bases in
+    --outdir) and untouched for `min_age_s`
     seconds are removed, so that a write still in progress elsewhere is left alone."""
     removed: list[str] = []
     if not os.path.isdir(folder):
