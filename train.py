@@ -195,6 +195,11 @@ def check_start(opts: dnnlib.EasyDict, c: dnnlib.EasyDict, summary: preflight.Da
                 preflight.check_resume(_load_state(opts.resume), opts.resume, c, summary, label_dim)
             finally:
                 _state_cache.clear()
+            if c.get('resume_pkl') is not None:   # an EDM state: the EMA comes from the snapshot beside it
+                try:
+                    preflight.read_network_pickle(c.resume_pkl, verbose=False)
+                except ValueError as err:
+                    raise click.ClickException(f'--resume: {err} (the EMA weights of this EDM-style state)')
         preflight.on_rank0(check)
         dist.print0(f'Resuming from {opts.resume} at {resumed.cur_nimg / 1000:g} kimg (run options from '
                     f'{resumed.source}).')

@@ -286,6 +286,24 @@ def test_truncated_or_foreign_state_is_one_line(finished_run, tmp_path):
         assert not out.exists()
 
 
+def test_edm_style_state_with_a_truncated_snapshot_is_one_line(finished_run, tmp_path):
+    """EDM's states carry no EMA: the snapshot beside the state is read, and checked, too."""
+    run_dir, args = finished_run
+    state = torch.load(os.path.join(run_dir, 'training-state-000001.pt'), map_location='cpu', weights_only=False)
+    folder = tmp_path / 'edm'
+    folder.mkdir()
+    torch.save(dict(net=state['net'], optimizer_state=state['optimizer_state']), folder / 'training-state-000001.pt')
+    snap = open(os.path.join(run_dir, 'network-snapshot-000001.pkl'), 'rb').read()
+    (folder / 'network-snapshot-000001.pkl').write_bytes(snap[:len(snap) // 2])
+    out = tmp_path / 'runs'
+    code, output = cli([a for a in args if not a.startswith('--outdir')] + [
+        f'--outdir={out}', f'--resume={folder / "training-state-000001.pt"}', '--duration=0.002'])
+    assert code == 1
+    line = one_line_error(output)
+    assert 'is not a readable network pickle' in line and 'EDM-style state' in line, line
+    assert not out.exists()
+
+
 def test_generate_uses_the_same_loader(tmp_path):
     import generate
     bad = tmp_path / 'bad.pkl'
