@@ -158,6 +158,12 @@ def make_materials(w: str) -> None:
             f.write(data)
     os.makedirs(os.path.join(w, 'foreign'))
     torch.save({'weights': 1}, os.path.join(w, 'foreign', 'training-state-000001.pt'))
+    full = torch.load(os.path.join(run, 'training-state-000001.pt'), map_location='cpu', weights_only=False)
+    os.makedirs(os.path.join(w, 'edm-state'))
+    torch.save(dict(net=full['net'], optimizer_state=full['optimizer_state']),
+               os.path.join(w, 'edm-state', 'training-state-000001.pt'))
+    with open(os.path.join(w, 'edm-state', 'network-snapshot-000001.pkl'), 'wb') as f:
+        f.write(snap[:len(snap) // 2])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -239,6 +245,8 @@ def cases() -> list[Case]:
                                                                    '--resume=empty/training-state-000001.pt')),
         Case('resume-foreign', '--resume state without \'net\'', 'train.py',
              t('--data=good.zip', '--cond=1', *tiny, '--resume=foreign/training-state-000001.pt')),
+        Case('resume-edm-bad-snapshot', '--resume an EDM-style state whose snapshot is truncated', 'train.py',
+             t('--data=good.zip', '--cond=1', *tiny, '--resume=edm-state/training-state-000001.pt')),
         Case('resume-other-cond', '--resume a --cond=1 state with --cond=0', 'train.py',
              t('--data=good.zip', '--cond=0', *tiny, st)),
         Case('resume-other-augment', '--resume an --augment=0 state with --augment=0.2', 'train.py',
