@@ -342,6 +342,7 @@ def convert_dataset(
     transform: Optional[str] = None,            # None, 'center-crop' or 'center-crop-wide'.
     resolution: Optional[tuple[int, int]] = None,  # Output (width, height); None = keep the input size.
     progress: bool = True,                      # Show a tqdm bar.
+    overwrite: bool = False,                    # Replace an existing --dest zip.
 ) -> dict:
     """Write `dest` in EDM's layout and return {'count', 'shape', 'labelled'} (edm-interface.md §1.5)."""
     if dest == '':
@@ -353,6 +354,10 @@ def convert_dataset(
     transform_fn = make_transform(transform, width, height)
     total, records = (builtin_sources.open_builtin(source, max_images=max_images, resolution=resolution)
                       or open_dataset(source, max_images=max_images))
+    if total == 0:
+        raise click.ClickException(f'--source {source} holds no images (nothing to convert)')
+    if dest.lower().endswith('.zip') and os.path.isfile(dest) and not overwrite:
+        raise click.ClickException(f'--dest {dest} already exists; pass --overwrite to replace it')
     writer = _Writer(dest)
 
     first: Optional[tuple] = None
@@ -392,7 +397,10 @@ def convert_dataset(
             writer.write(arch, buf.getvalue())
             entries.append([arch, rec['label']] if rec['label'] is not None else None)
 
-        labelled = bool(entries) and all(e is not None for e in entries)
+        if not entries:
+            raise click.ClickException(f'no image of --source {source} survived --transform={transform} '
+                                       f'(nothing to write)')
+        labelled = all(e is not None for e in entries)
         writer.write('dataset.json', json.dumps({'labels': entries if labelled else None}).encode('utf8'))
         ok = True
     finally:
@@ -410,8 +418,9 @@ def convert_dataset(
 @click.option('--max-images', help='Maximum number of images to output', metavar='INT', type=click.IntRange(min=0))
 @click.option('--transform',  help='Input crop/resize mode', type=click.Choice(['center-crop', 'center-crop-wide']))
 @click.option('--resolution', help='Output resolution (e.g., 64x64)', metavar='WxH', type=parse_tuple)
+@click.option('--overwrite',  help='Replace an existing --dest zip', is_flag=True)
 def main(source: str, dest: str, max_images: Optional[int], transform: Optional[str],
-         resolution: Optional[tuple[int, int]]) -> None:
+         resolution: Optional[tuple[int, int]], overwrite: bool) -> None:
     """Convert an image dataset into EDM's zip/folder layout.
 
     \b
@@ -437,7 +446,8 @@ def main(source: str, dest: str, max_images: Optional[int], transform: Optional[
     with a power-of-two side, 1 or 3 channels, all the same; use --resolution (and --transform=center-crop or
     center-crop-wide) to get there.
     """
-    convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution)
+    convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution,
+                    overwrite=overwrite)
 
 
 if __name__ == '__main__':

@@ -22,7 +22,7 @@ import dnnlib
 from dnnlib.util import parse_int_list  # re-exported: EDM users import it from generate.py
 from torch_utils import distributed as dist
 from torch_utils import misc
-from training import registry
+from training import preflight, registry
 
 __all__ = ['edm_sampler', 'ablation_sampler', 'StackedRandomGenerator', 'parse_int_list', 'karras_sigmas',
            'load_network', 'generate_images', 'build_cli', 'main']
@@ -350,7 +350,7 @@ def _edm_options() -> list[click.Option]:
 
 
 EDM_SAMPLER_ENTRY = registry.register_sampler(registry.SamplerEntry(
-    name='edm', sample=_edm_entry_sample, options=_edm_options(), check=_edm_entry_check,
+    name='edm', sample=_edm_entry_sample, options=_edm_options(), check=_edm_entry_check, min_steps=2,
     help="EDM's Heun sampler (Algorithm 2); the ablation sampler when --solver/--disc/--schedule/--scaling is given"))
 
 
@@ -359,25 +359,11 @@ EDM_SAMPLER_ENTRY = registry.register_sampler(registry.SamplerEntry(
 
 
 def load_network(network_pkl: str, device: Union[str, torch.device] = 'cpu', verbose: bool = True) -> Any:
-    """Read the 'ema' network of an EDM-format pickle (path or URL) and move it to ``device``."""
-    try:
-        with dnnlib.util.open_url(network_pkl, verbose=verbose) as f:
-            data = pickle.load(f)
-    except OSError as err:
-        raise ValueError(f'cannot read network pickle "{network_pkl}": {err}') from err
-    except Exception as err:  # anything unpickling can raise: truncated data, foreign globals, bad opcodes
-        first_line = str(err).splitlines()[0] if str(err) else ''
-        raise ValueError(f'"{network_pkl}" is not a readable network pickle ({type(err).__name__}: {first_line})') \
-            from err
-    if not isinstance(data, dict) or 'ema' not in data:
-        raise ValueError(f'"{network_pkl}" is not a network pickle: expected a dict with an \'ema\' entry')
-    net = data['ema']
-    missing = [a for a in ('img_resolution', 'img_channels', 'label_dim', 'sigma_min', 'sigma_max', 'round_sigma')
-               if not hasattr(net, a)]
-    if missing or not isinstance(net, torch.nn.Module):
-        lacks = f' (lacks {", ".join(missing)})' if missing else ''
-        raise ValueError(f'the \'ema\' object in "{network_pkl}" is not a denoiser network{lacks}')
-    return net.to(device)
+    """Read the 'ema' network of an EDM-format pickle (path or URL) and move it to ``device``.
+
+    The pickle is read and checked by `training.preflight.read_network_pickle`, the reader train.py checks --transfer
+    with: ValueError with one line for a missing, truncated or foreign file."""
+    return preflight.read_network_pickle(network_pkl, verbose=verbose)['ema'].to(device)
 
 
 def image_path(outdir: str, seed: int, subdirs: bool) -> str:
@@ -508,6 +494,14 @@ class _SectionedCommand(click.Command):
                     formatter.write_dl(rows)
 
 
+def _min_steps_text() -> str:
+    """'2 for edm, 1 for aniso_heun, ...': each registered sampler's smallest --steps."""
+    by_min: dict[int, list[str]] = {}
+    for name, entry in sorted(registry.SAMPLERS.items()):
+        by_min.setdefault(entry.min_steps, []).append(name)
+    return '; '.join(f'{n} for {", ".join(names)}' for n, names in sorted(by_min.items(), reverse=True))
+
+
 def _base_options() -> list[click.Option]:
     """EDM's generate.py options that apply to every sampler, plus --device and --sampler."""
     names = sorted(registry.SAMPLERS)
@@ -522,7 +516,8 @@ def _base_options() -> list[click.Option]:
                      type=click.IntRange(min=0), default=None),
         click.Option(['--batch', 'max_batch_size'], help='Maximum batch size', metavar='INT',
                      type=click.IntRange(min=1), default=64, show_default=True),
-        click.Option(['--steps', 'num_steps'], help='Number of sampling steps', metavar='INT',
+        click.Option(['--steps', 'num_steps'], help=f'Number of sampling steps (at least {_min_steps_text()})',
+                     metavar='INT',
                      type=click.IntRange(min=1), default=18, show_default=True),
         click.Option(['--sigma_min'], help='Lowest noise level  [default: varies]', metavar='FLOAT',
                      type=click.FloatRange(min=0, min_open=True)),

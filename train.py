@@ -11,6 +11,7 @@ import json
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import click
@@ -19,6 +20,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training import registry
+from training import preflight
 from training import training_loop as loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
@@ -86,11 +88,6 @@ def run_desc(dataset_name: str, cond: bool, arch: str, precond: str, world_size:
     return f'{name}-{desc}' if desc is not None else name
 
 
-# training_loop kwargs that --resume takes from the resumed run's options, keyed to the option that overrides each.
-RESUMED_RAMP_KEYS = {'lr_rampup_kimg': 'lr_rampup', 'lr_decay_start_kimg': 'lr_decay_start',
-                     'lr_halflife_kimg': 'lr_halflife', 'ema_rampup_ratio': 'ema_rampup'}
-
-
 def _random_seed(device: torch.device) -> int:
     """A fresh seed drawn by rank 0 and shared with every rank."""
     seed = torch.tensor(int.from_bytes(os.urandom(4), 'little') % (1 << 31), dtype=torch.int64, device=device)
@@ -98,11 +95,133 @@ def _random_seed(device: torch.device) -> int:
     return int(seed)
 
 
-def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.EasyDict, str]:
-    """The training_loop kwargs for parsed options (key order as EDM's training_options.json) and the run name.
+def _given(name: str) -> bool:
+    """Whether option `name` came from the command line (not its default); False outside a click command."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or name not in ctx.params:
+        return False
+    return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
 
-    Raises click.ClickException for a bad dataset, --cond without labels, --resume/--transfer misuse and a batch
-    that does not split over processes.
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Where a run starts: from scratch, from a --transfer pickle, or from a --resume state. Everything here is checked on
+# rank 0 before the run folder exists (training.preflight); the other ranks get the outcome.
+
+
+@dataclass
+class ResumeRecord:
+    """What a --resume state says about the run it belongs to (small: it travels to every rank)."""
+    path: str
+    cur_nimg: int                # images seen at the state
+    has_ema: bool                # the state carries the EMA weights (ours do; EDM's need the snapshot beside them)
+    options: dict                # the run's training options: the state's own record, else training_options.json
+    source: str                  # where `options` came from, for the log
+
+
+# Options a resumed run keeps from the run it continues unless given again: its length, seed and the ramps (recipes
+# derive some from --duration or --transfer), so that it goes on as the uninterrupted run would.
+CONTINUED = {'total_kimg': 'duration', 'seed': 'seed', 'lr_rampup_kimg': 'lr_rampup',
+             'lr_decay_start_kimg': 'lr_decay_start', 'lr_halflife_kimg': 'lr_halflife', 'ema_rampup_ratio': 'ema_rampup'}
+
+
+def _options_beside(state_path: str) -> dict:
+    """training_options.json in the state's folder ({} when absent or unreadable): EDM's states record nothing."""
+    try:
+        with open(os.path.join(os.path.dirname(state_path), 'training_options.json')) as f:
+            options = json.load(f)
+        return options if isinstance(options, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def inspect_state(state: dict, path: str) -> ResumeRecord:
+    """The ResumeRecord of a loaded training state."""
+    kimg = int(preflight.STATE_NAME.fullmatch(os.path.basename(path)).group(1))
+    options = state.get('training_options')
+    source = 'the state'
+    if not isinstance(options, dict):
+        options, source = _options_beside(path), 'training_options.json beside it'
+    if 'seed' in state:     # our states store the seed even without the full record
+        options = dict(options, seed=int(state['seed']))
+    return ResumeRecord(path=path, cur_nimg=int(state.get('cur_nimg', kimg * 1000)), has_ema='ema_state' in state,
+                        options=options, source=source)
+
+
+def start_from(opts: dnnlib.EasyDict, c: dnnlib.EasyDict, device: torch.device) -> Optional[ResumeRecord]:
+    """Set the resume/transfer keys of the config (before the recipe configures it); returns the resume record."""
+    if opts.transfer is not None and opts.resume is not None:
+        raise click.ClickException('--transfer and --resume cannot be used together')
+    if opts.transfer is not None:
+        c.resume_pkl = opts.transfer
+        c.ema_rampup_ratio = None        # as EDM: no EMA ramp when fine-tuning
+        return None
+    if opts.resume is None:
+        return None
+    resumed = preflight.on_rank0(lambda: inspect_state(_load_state(opts.resume), opts.resume))
+    snapshot = os.path.join(os.path.dirname(opts.resume),
+                            'network-snapshot-' + preflight.STATE_NAME.fullmatch(
+                                os.path.basename(opts.resume)).group(1) + '.pkl')
+    if not resumed.has_ema and not os.path.isfile(snapshot):
+        raise click.ClickException(f'--resume: {opts.resume} holds no EMA weights (an EDM state) and {snapshot} is '
+                                   f'missing')
+    c.resume_pkl = None if resumed.has_ema else snapshot
+    c.resume_kimg = resumed.cur_nimg // 1000
+    c.resume_state_dump = opts.resume
+    for key in ('total_kimg', 'seed'):
+        if key in resumed.options and not _given(CONTINUED[key]):
+            c[key] = resumed.options[key]
+    if 'seed' not in resumed.options and opts.seed is None:
+        dist.print0(f'Note: {opts.resume} records no seed; the resumed run draws a new one ({c.seed}), so its data '
+                    f'order differs from the original run\'s.')
+    return resumed
+
+
+_state_cache: dict = {}   # rank 0: the --resume state, read once for all preflight checks
+
+
+def _load_state(path: str) -> dict:
+    if _state_cache.get('path') != path:
+        _state_cache.update(path=path, state=preflight.read_training_state(path))
+    return _state_cache['state']
+
+
+def check_start(opts: dnnlib.EasyDict, c: dnnlib.EasyDict, summary: preflight.DatasetSummary, label_dim: int,
+                resumed: Optional[ResumeRecord]) -> None:
+    """Once the config is complete: dry-run the transfer or the resume into the configured network (rank 0)."""
+    if resumed is not None:
+        for key, option in CONTINUED.items():
+            if key in resumed.options and key not in ('total_kimg', 'seed') and opts.get(option) is None:
+                c[key] = resumed.options[key]
+
+        def check() -> None:
+            try:
+                preflight.check_resume(_load_state(opts.resume), opts.resume, c, summary, label_dim)
+            finally:
+                _state_cache.clear()
+        preflight.on_rank0(check)
+        return
+
+    def check() -> Optional[str]:
+        src = None
+        if opts.transfer is not None:
+            try:
+                src = preflight.read_network_pickle(opts.transfer, verbose=True)['ema']
+            except ValueError as err:
+                raise click.ClickException(f'--transfer: {err}')
+            return preflight.check_transfer(src, opts.transfer, c, summary, label_dim)
+        return preflight.transfer_note(c, None)
+    note = preflight.on_rank0(check)
+    if note:
+        dist.print0(f'Warning: {note}')
+
+
+def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.EasyDict, str, Optional[ResumeRecord]]:
+    """The training_loop kwargs for parsed options (key order as EDM's training_options.json), the run name and the
+    resume record (None unless --resume).
+
+    Every input is checked here, before anything is written: the dataset (every image header, dataset.json), --cond
+    without labels, --transfer and --resume files against the configured network, and a batch that does not split
+    over processes. Raises click.ClickException with one line.
     """
     registry.check_foreign_options(registry.PRECONDS, opts.precond, opts, '--precond')
     entry = registry.PRECONDS[opts.precond]
@@ -115,9 +234,8 @@ def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.Ea
     c.loss_kwargs = dnnlib.EasyDict()
     c.optimizer_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
 
-    # Dataset: explicit resolution and size.
-    if not os.path.exists(opts.data):
-        raise click.ClickException(f'--data: {opts.data} does not exist')
+    # Dataset: every image header and dataset.json first, then explicit resolution and size.
+    summary = preflight.on_rank0(lambda: preflight.scan_dataset(opts.data))
     try:
         dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
     except (IOError, ValueError) as err:
@@ -125,6 +243,7 @@ def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.Ea
     if opts.cond and not dataset_obj.has_labels:
         raise click.ClickException('--cond=True requires labels specified in dataset.json')
     dataset_name = dataset_obj.name
+    label_dim = dataset_obj.label_dim if opts.cond else 0
     c.dataset_kwargs.resolution = dataset_obj.resolution
     c.dataset_kwargs.max_size = len(dataset_obj)
     del dataset_obj
@@ -156,25 +275,7 @@ def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.Ea
         state_dump_ticks=opts.dump,
     )
     c.seed = opts.seed if opts.seed is not None else _random_seed(device)
-
-    # Transfer or resume.
-    previous = {}   # training_options.json of the run being resumed
-    if opts.transfer is not None:
-        if opts.resume is not None:
-            raise click.ClickException('--transfer and --resume cannot be used together')
-        c.resume_pkl = opts.transfer
-        c.ema_rampup_ratio = None
-    elif opts.resume is not None:
-        m = re.fullmatch(r'training-state-(\d+)\.pt', os.path.basename(opts.resume))
-        if not m or not os.path.isfile(opts.resume):
-            raise click.ClickException('--resume must point to training-state-*.pt from a previous training run')
-        snapshot = os.path.join(os.path.dirname(opts.resume), f'network-snapshot-{m.group(1)}.pkl')
-        c.resume_pkl = snapshot if os.path.isfile(snapshot) else None  # states we write also carry the EMA
-        c.resume_kimg = int(m.group(1))
-        c.resume_state_dump = opts.resume
-        previous = _previous_options(opts.resume)
-        if opts.seed is None:  # keep the run's seed (data order) so that the resumed run continues exactly
-            c.seed = previous.get('seed', c.seed)
+    resumed = start_from(opts, c, device)
 
     # Our additions (EDM fixes these): LR ramp and decay, EMA ramp. Absent = EDM's values (or the recipe's).
     if opts.get('lr_rampup') is not None:
@@ -187,28 +288,14 @@ def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.Ea
         c.ema_rampup_ratio = opts.ema_rampup if opts.ema_rampup > 0 else None
 
     entry.configure(c, opts)
-    # A resumed run keeps the LR and EMA ramps of the run it continues (unless given again), so that it goes on exactly
-    # as an uninterrupted run would (recipes derive some of them from --duration or --transfer).
-    for key, option in RESUMED_RAMP_KEYS.items():
-        if key in previous and opts.get(option) is None:
-            c[key] = previous[key]
     try:
         loop.batch_layout(c.batch_size, c.batch_gpu, dist.get_world_size())
     except ValueError as err:
         raise click.ClickException(f'--batch: {err}')
+    check_start(opts, c, summary, label_dim, resumed)
     name = run_desc(dataset_name, c.dataset_kwargs.use_labels, opts.arch, opts.precond, dist.get_world_size(),
                     c.batch_size, c.network_kwargs.use_fp16, opts.desc)
-    return c, name
-
-
-def _previous_options(state_path: str) -> dict:
-    """training_options.json beside a training state ({} if absent or unreadable)."""
-    path = os.path.join(os.path.dirname(state_path), 'training_options.json')
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+    return c, name, resumed
 
 
 def print_options(c: dnnlib.EasyDict, opts: dnnlib.EasyDict, device: torch.device) -> None:
@@ -297,6 +384,8 @@ class TrainCommand(click.Command):
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=1), default=1,
               show_default=True)
 @click.option('--device', help='cpu, cuda, cuda:N  [default: cuda if available]', metavar='STR', type=str)
+@click.option('--pg-timeout', help='Process-group timeout: a frozen rank fails the run after this long  '
+              '[default: torch\'s, 10-30 min]', metavar='SEC', type=click.FloatRange(min=0, min_open=True))
 # Input/output.
 @click.option('--desc', help='Suffix of the run folder name', metavar='STR', type=str)
 @click.option('--nosubdir', help='Write into --outdir itself, no run folder', is_flag=True)
@@ -326,13 +415,39 @@ def main(**kwargs: Any) -> None:
     """
     opts = dnnlib.EasyDict(kwargs)
     try:
-        device = dist.init(opts.device)
+        run(opts)
+    except click.ClickException:
+        if dist.get_rank() != 0:
+            raise SystemExit(1)   # rank 0 prints the line
+        raise
+
+
+def newest_snapshot(run_dir: str) -> Optional[str]:
+    """The network-snapshot-*.pkl with the most images in a run folder, or None."""
+    names = [n for n in os.listdir(run_dir) if re.fullmatch(r'network-snapshot-\d+\.pkl', n)] \
+        if os.path.isdir(run_dir) else []
+    return os.path.join(run_dir, max(names)) if names else None
+
+
+def run(opts: dnnlib.EasyDict) -> None:
+    """Body of the command: check everything, then create the run folder and train."""
+    try:
+        device = dist.init(opts.device, timeout=opts.get('pg_timeout'))
     except ValueError as err:
         raise click.ClickException(f'--device: {err}')
     if device.type == 'cuda' and torch.multiprocessing.get_start_method(allow_none=True) is None:
         torch.multiprocessing.set_start_method('spawn')  # DataLoader workers must not fork a CUDA process
+    preflight.on_rank0(lambda: preflight.check_outdir(opts.outdir))
 
-    c, desc = build_config(opts, device)
+    c, desc, resumed = build_config(opts, device)
+    if resumed is not None and resumed.cur_nimg >= c.total_kimg * 1000:
+        folder = os.path.dirname(opts.resume)
+        dist.print0(f'Training already finished: {opts.resume} is at {resumed.cur_nimg / 1000:g} kimg of '
+                    f'{c.total_kimg:g} (--duration); nothing to do, nothing written.')
+        final = newest_snapshot(folder)
+        if final is not None:
+            dist.print0(f'Newest snapshot: {final}')
+        return
     if dist.get_rank() != 0:
         c.run_dir = None
     elif opts.nosubdir:
@@ -346,18 +461,29 @@ def main(**kwargs: Any) -> None:
 
     dist.print0('Creating output directory...')
     logger = None
-    if dist.get_rank() == 0:
-        os.makedirs(c.run_dir, exist_ok=True)
-        with open(os.path.join(c.run_dir, 'training_options.json'), 'wt') as f:
-            json.dump(c, f, indent=2)
-        logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
     try:
+        if dist.get_rank() == 0:
+            for folder in {c.run_dir} | ({os.path.dirname(os.path.abspath(opts.resume))} if opts.resume else set()):
+                removed = preflight.remove_stale_temps(folder)
+                if removed:
+                    dist.print0(f'Removed {len(removed)} temporary file(s) left by an interrupted run in {folder}')
+            os.makedirs(c.run_dir, exist_ok=True)
+            loop.write_file(os.path.join(c.run_dir, 'training_options.json'),
+                            lambda f: f.write(json.dumps(c, indent=2).encode('utf-8')))
+            logger = dnnlib.util.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True)
         loop.training_loop(**c, device=device)
     except (loop.NonFiniteLossError, ValueError) as err:
         raise click.ClickException(str(err))
+    except OSError as err:
+        where = f'{err.filename}: ' if err.filename else ''
+        raise click.ClickException(f'cannot write {where}{err.strerror or err}; files written before are intact')
     finally:
         if logger is not None:
             logger.close()
+    if dist.get_rank() == 0:
+        final = newest_snapshot(c.run_dir)
+        if final is not None:
+            print(f'Newest snapshot: {final}')
 
 
 def _add_plugin_options(command: click.Command) -> None:

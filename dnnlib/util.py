@@ -3,8 +3,8 @@
 Contents: `EasyDict`; `Logger` (tee of stdout/stderr into a file); the download cache (`set_cache_dir`,
 `make_cache_dir_path`, `open_url`, `is_url`); lookup of objects by dotted name (`get_obj_by_name`,
 `call_func_by_name`, `construct_class_by_name`); and small formatting/parsing helpers (`format_time`,
-`format_time_brief`, `ask_yes_no`, `parse_int_list`). Imports only the standard library, so it works on
-Python >= 3.12 (no `distutils`) and without `requests`.
+`format_time_brief`, `ask_yes_no`, `parse_int_list`). Imports only the standard library at import time, so it
+works on Python >= 3.12 (no `distutils`); `requests` is imported only when an http(s) URL is fetched.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import tempfile
 import time
 import types
 import urllib.parse
-import urllib.request
 import uuid
 from typing import IO, Any, Callable, Iterable, Optional, Union
 
@@ -58,13 +57,15 @@ class Logger:
     that file. `close()` (or leaving a `with` block) restores the streams it replaced and closes the file.
     """
 
+    _STREAMS = ('stdout', 'stderr')
+
     def __init__(self, file_name: Optional[str] = None, file_mode: str = 'w', should_flush: bool = True) -> None:
-        self.file: Optional[IO[str]] = open(file_name, file_mode) if file_name is not None else None
         self.should_flush = should_flush
-        self.stdout = sys.stdout
-        self.stderr = sys.stderr
-        sys.stdout = self
-        sys.stderr = self
+        self.file: Optional[IO[str]] = None if file_name is None else open(file_name, file_mode)
+        # Remember what stood in sys.stdout / sys.stderr (as self.stdout / self.stderr, EDM's names), then take over.
+        for name in self._STREAMS:
+            setattr(self, name, getattr(sys, name))
+            setattr(sys, name, self)
 
     def __enter__(self) -> 'Logger':
         return self
@@ -72,24 +73,24 @@ class Logger:
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
+    def _sinks(self) -> list:
+        """Where text goes, in order: the log file (if open), then the original stdout."""
+        return [sink for sink in (self.file, self.stdout) if sink is not None]
+
     def write(self, text: Union[str, bytes]) -> int:
-        """Write `text` to the original stdout and the log file."""
-        if isinstance(text, bytes):
-            text = text.decode()
-        if not text:  # some IDE consoles crash on an empty write followed by flush
-            return 0
-        if self.file is not None:
-            self.file.write(text)
-        self.stdout.write(text)
-        if self.should_flush:
-            self.flush()
+        """Write `text` to the log file and the original stdout."""
+        text = text.decode() if isinstance(text, bytes) else text
+        if text:  # an empty write followed by flush crashes some IDE consoles: skip both
+            for sink in self._sinks():
+                sink.write(text)
+            if self.should_flush:
+                self.flush()
         return len(text)
 
     def flush(self) -> None:
         """Flush the log file and the original stdout."""
-        if self.file is not None:
-            self.file.flush()
-        self.stdout.flush()
+        for sink in self._sinks():
+            sink.flush()
 
     def isatty(self) -> bool:
         """Report the terminal status of the original stdout (tqdm and click ask for it)."""
@@ -100,15 +101,15 @@ class Logger:
         return getattr(self.stdout, 'encoding', None) or 'utf-8'
 
     def close(self) -> None:
-        """Flush, put back the streams this logger replaced (only if still in place), and close the file."""
+        """Flush, hand back each stream this logger still holds (a later logger may have taken one over since; it
+        keeps it), and close the file."""
         self.flush()
-        if sys.stdout is self:
-            sys.stdout = self.stdout
-        if sys.stderr is self:
-            sys.stderr = self.stderr
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        for name in self._STREAMS:
+            if getattr(sys, name) is self:
+                setattr(sys, name, getattr(self, name))
+        file, self.file = self.file, None
+        if file is not None:
+            file.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -179,48 +180,88 @@ def cache_file_name(url: str, name: Optional[str] = None) -> str:
     return f'{digest}_{safe}'
 
 
-def _download(url: str, num_attempts: int, verbose: bool) -> tuple[bytes, str]:
-    """Fetch `url` with up to `num_attempts` tries; return (data, name), the name taken from Content-Disposition when
-    the server sends one, else the URL."""
-    if verbose:
-        print(f'Downloading {url} ...', end='', flush=True)
-    for attempt in range(num_attempts):
-        try:
-            with urllib.request.urlopen(url, timeout=60) as res:
-                data = res.read()
-                disposition = res.headers.get('Content-Disposition', '') or ''
-            if len(data) == 0:
-                raise IOError(f'no data received from {url}')
-            match = re.search(r'filename="([^"]*)"', disposition)
-            if verbose:
-                print(' done')
-            return data, (match.group(1) if match else url)
-        except KeyboardInterrupt:
-            raise
-        except Exception:
-            if attempt == num_attempts - 1:
-                if verbose:
-                    print(' failed')
-                raise
-            if verbose:
-                print('.', end='', flush=True)
-            time.sleep(min(0.1 * 2 ** attempt, 5.0))
-    raise AssertionError('unreachable')
+class DownloadError(IOError):
+    """A URL could not be fetched (after all attempts, or at once for an answer that a retry cannot change)."""
+
+
+_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})  # answers worth asking again
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds to wait after failed attempt `attempt` (0-based): 0.1 s doubling per attempt, at most 5 s."""
+    return min(0.1 * 2 ** attempt, 5.0)
+
+
+def _fetch_once(session: Any, url: str, timeout: float) -> tuple[bytes, str]:
+    """One GET; returns (data, name) where name comes from Content-Disposition when present, else the URL.
+
+    Raises DownloadError with `retry` set to whether another attempt could help.
+    """
+    import requests  # imported here so that dnnlib (and unpickling) works where requests is missing
+    try:
+        with session.get(url, timeout=timeout) as res:
+            status = res.status_code
+            data = res.content
+            disposition = res.headers.get('Content-Disposition') or ''
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+        raise _download_error(f'{type(err).__name__}: {err}', retry=True) from err
+    if status >= 400:
+        raise _download_error(f'HTTP {status}', retry=status in _RETRY_STATUS or status >= 500)
+    if not data:
+        raise _download_error('no data received', retry=True)
+    named = re.search(r'filename="([^"]*)"', disposition)
+    return data, (named.group(1) if named else url)
+
+
+def _download_error(message: str, retry: bool) -> DownloadError:
+    err = DownloadError(message)
+    err.retry = retry
+    return err
+
+
+def _download(url: str, num_attempts: int, verbose: bool, timeout: float) -> tuple[bytes, str]:
+    """Fetch `url` with `requests`, trying up to `num_attempts` times (with exponential backoff) while the failure is
+    one a retry can cure: no connection, a timeout (`timeout` seconds to connect and between received bytes), a 5xx,
+    408 or 429 answer, an empty body. Other answers (404, 403, ...) fail at once. Returns (data, name)."""
+    try:
+        import requests
+    except ImportError as err:
+        raise ImportError(f'open_url needs the requests package to fetch {url} (pip install requests)') from err
+    progress = print if verbose else (lambda *args, **kwargs: None)
+    progress(f'Downloading {url} ...', end='', flush=True)
+    with requests.Session() as session:
+        for attempt in range(num_attempts):
+            try:
+                result = _fetch_once(session, url, timeout)
+            except DownloadError as err:
+                if attempt + 1 < num_attempts and err.retry:
+                    progress('.', end='', flush=True)
+                    time.sleep(_backoff(attempt))
+                    continue
+                progress(' failed')
+                tries = f'{attempt + 1} attempt' + ('s' if attempt else '')
+                raise DownloadError(f'could not download {url} ({tries}): {err}') from err
+            progress(' done')
+            return result
+    raise AssertionError('unreachable: num_attempts >= 1')
 
 
 def open_url(url: str, cache_dir: Optional[str] = None, num_attempts: int = 10, verbose: bool = True,
-             return_filename: bool = False, cache: bool = True) -> Any:
+             return_filename: bool = False, cache: bool = True, timeout: float = 60.0) -> Any:
     """Open a local path, a `file://` URL or an http(s) URL for binary reading (EDM's `dnnlib.util.open_url`).
 
-    Downloads are cached as `<cache_dir>/<md5(url)>_<sanitised name>`, with `cache_dir` defaulting to
-    `make_cache_dir_path('downloads')`; a cached entry is reused without network access. With `return_filename=True`
-    the path is returned instead of an open file (needs `cache=True` for URLs). A failed download is retried up to
-    `num_attempts` times before the last error propagates.
+    Downloads (through `requests`) are cached as `<cache_dir>/<md5(url)>_<sanitised name>`, with `cache_dir`
+    defaulting to `make_cache_dir_path('downloads')`; a cached entry is reused without network access. With
+    `return_filename=True` the path is returned instead of an open file (needs `cache=True` for URLs). A failed
+    download is retried up to `num_attempts` times where a retry can help (see `_download`); `timeout` bounds each
+    wait for the server, in seconds. The last failure raises `DownloadError` (an `IOError`) naming the URL.
     """
     if num_attempts < 1:
         raise ValueError(f'open_url: num_attempts must be >= 1, got {num_attempts}')
     if return_filename and not cache:
         raise ValueError('open_url: return_filename=True needs cache=True')
+    if not timeout > 0:
+        raise ValueError(f'open_url: timeout must be positive, got {timeout}')
 
     # Local path or file:// URL.
     if not _SCHEME_RE.match(url):
@@ -241,14 +282,18 @@ def open_url(url: str, cache_dir: Optional[str] = None, num_attempts: int = 10, 
             return hits[0] if return_filename else open(hits[0], 'rb')
 
     # Download, then store atomically (write a temporary file, then rename).
-    data, name = _download(url, num_attempts=num_attempts, verbose=verbose)
+    data, name = _download(url, num_attempts=num_attempts, verbose=verbose, timeout=timeout)
     if cache:
         os.makedirs(cache_dir, exist_ok=True)
         target = os.path.join(cache_dir, cache_file_name(url, name))
         tmp = os.path.join(cache_dir, f'tmp_{uuid.uuid4().hex}_{os.path.basename(target)}')
-        with open(tmp, 'wb') as f:
-            f.write(data)
-        os.replace(tmp, target)
+        try:
+            with open(tmp, 'wb') as f:
+                f.write(data)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         if return_filename:
             return target
     return io.BytesIO(data)
@@ -415,13 +460,23 @@ def parse_int_list(s: Union[str, Iterable[int]]) -> list[int]:
     return values
 
 
+def _current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write: Callable[[Any], None]) -> None:
     """Write a file through ``write(binary_file)`` into a temporary file in the same folder (created if needed), then
-    rename it into place, so that a crash never leaves a truncated file behind (snapshots, states, bases, FID refs)."""
+    rename it into place, so that a crash never leaves a truncated file behind (snapshots, states, bases, FID refs).
+    The file gets the permissions a plain ``open(path, 'w')`` would (0644 under umask 022), not mkstemp's 0600.
+    A kill can leave the temporary ``.<name>.<random>.tmp`` behind; train.py removes its own at start."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())   # mkstemp makes 0600; final files get what open() would give
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()

@@ -469,8 +469,284 @@ def exact_end_ratio(variances: torch.Tensor, sigma_max: float = 80.0) -> torch.T
     return (lam / (lam + sigma_max ** 2)).sqrt()
 
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exact laws of the stochastic samplers (edm_aniso.stochastic).
+#
+# With the exact denoiser of N(mu, diag lambda) (DCT coordinates) every step of aniso_sde and pc is, per coefficient k
+# with block clock s_k (a on P, b on P_perp) and y = x - mu_k, linear plus independent Gaussian noise:
+#   churn          y <- y + S_noise sqrt(s_hat^2 - s^2) eps
+#   Heun s -> s'   y <- c y, c = 1 - (s - s')(k + k' e)/2, e = 1 - (s - s') k, k = s/(lambda + s^2)  (Euler: c = e)
+#   predictor      y <- ((lambda + s'^2)/(lambda + s^2)) y + sqrt(s^2 - s'^2) z      (last step: lambda/(lambda+s^2), no z)
+#   corrector      y <- (1 - eps/v) y + sqrt(2 eps) z,  v = lambda + s^2  (grad log p = -y/v)
+# so the output law is Gaussian, N(mu + m_y, diag var), propagated exactly here from x_0 = s_0 z. The corrector's step
+# eps is per block: score-SDE's rule eps = 2 snr^2 ||z_B||^2 / ||g_B||^2 is random per sample; the law uses its
+# deterministic equivalent eps_B = 2 snr^2 E||z_B||^2 / E||g_B||^2 = 2 snr^2 d_B / sum_{k in B} E[y_k^2] / v_k^2 under
+# the current law at the first step of each corrector run (the limit of the rule as d_B grows), kept for the run's
+# other steps as the sampler keeps its own; the sampler runs exactly this law when given these step sizes
+# (``pc(..., corrector_step_size=...)``).
+
+
+def _clock(mask: torch.Tensor, a, b, like: torch.Tensor) -> torch.Tensor:
+    """Per-coefficient level: a on P (mask = 1), b on P_perp."""
+    f64 = lambda v: torch.as_tensor(v, dtype=torch.float64)           # noqa: E731
+    return torch.where(mask.bool().expand_as(like), f64(a), f64(b))
+
+
+def _heun_gain(lam: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor, last: bool) -> torch.Tensor:
+    k, k_next = s / (lam + s ** 2), s_next / (lam + s_next ** 2)
+    euler = 1 - (s - s_next) * k
+    return euler if last else 1 - (s - s_next) * (k + k_next * euler) / 2
+
+
+def law_start(variances: torch.Tensor, s0: torch.Tensor, means: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean of y = x - mu, var) of the prior sample x_0 = s_0 z per coefficient."""
+    lam = variances.to(torch.float64)
+    mu = torch.zeros_like(lam) if means is None else torch.as_tensor(means, dtype=torch.float64).expand_as(lam)
+    return -mu, (s0 ** 2).expand_as(lam).clone()
+
+
+def corrector_law_step(variances: torch.Tensor, mask: torch.Tensor, s: torch.Tensor, mean_y: torch.Tensor,
+                       var: torch.Tensor, snr: float, eps: Optional[tuple[float, float]] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+    """One Langevin step at per-coefficient levels ``s`` on the law (mean_y, var): returns the new law and the
+    per-block step sizes (eps_P, eps_perp) used (``eps``, or the deterministic equivalent of the snr rule)."""
+    lam = variances.to(torch.float64)
+    v = lam + s ** 2
+    on_p = mask.bool().expand_as(lam)
+    if eps is None:
+        g2 = (var + mean_y ** 2) / v ** 2                                # E[g_k^2]
+        out = []
+        for blk in (on_p, ~on_p):
+            d = int(blk.sum())
+            out.append(2 * snr ** 2 * d / float(g2[blk].sum()) if d > 0 else 0.0)
+        eps = (out[0], out[1])
+    e = torch.where(on_p, torch.as_tensor(float(eps[0]), dtype=torch.float64),
+                    torch.as_tensor(float(eps[1]), dtype=torch.float64))
+    c = 1 - e / v
+    return c * mean_y, c ** 2 * var + 2 * e, (float(eps[0]), float(eps[1]))
+
+
+def aniso_sde_law(variances: torch.Tensor, mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  a_hat: torch.Tensor, b_hat: torch.Tensor, S_noise: float = 1.0,
+                  means: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact output law (mean, var) per DCT coefficient of ``aniso_sde`` with the exact denoiser of
+    N(means, diag variances): levels a, b [N+1] (last 0) of one sample and its churn levels a_hat, b_hat [N]
+    (edm_aniso.stochastic.churn_levels; a_hat = a where there is no churn). ``mask`` [H, W] selects P."""
+    lam = variances.to(torch.float64)
+    s = lambda v, w: _clock(mask, v, w, lam)                          # noqa: E731
+    mean_y, var = law_start(lam, s(a[0], b[0]), means)
+    n = a.shape[0] - 1
+    for i in range(n):
+        si, sh, sn = s(a[i], b[i]), s(a_hat[i], b_hat[i]), s(a[i + 1], b[i + 1])
+        var = var + S_noise ** 2 * (sh ** 2 - si ** 2).clamp_min(0)
+        c = _heun_gain(lam, sh, sn, i == n - 1)
+        mean_y, var = c * mean_y, c ** 2 * var
+    mu = torch.zeros_like(lam) if means is None else torch.as_tensor(means, dtype=torch.float64).expand_as(lam)
+    return mu + mean_y, var
+
+
+def pc_law(variances: torch.Tensor, mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor, corrector_steps: int,
+           snr: float, means: Optional[torch.Tensor] = None
+           ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Exact output law (mean, var) per DCT coefficient of ``pc`` with the exact denoiser, given the corrector step
+    sizes of the deterministic-equivalent snr rule (section comment); also returns those step sizes,
+    {i: (eps_P, eps_perp)} per level (set at the level's first corrector step, as the sampler does), which
+    ``pc(..., corrector_step_size=steps.get)`` reproduces."""
+    lam = variances.to(torch.float64)
+    s = lambda v, w: _clock(mask, v, w, lam)                          # noqa: E731
+    mean_y, var = law_start(lam, s(a[0], b[0]), means)
+    n, steps = a.shape[0] - 1, {}
+    for i in range(n):
+        si, sn = s(a[i], b[i]), s(a[i + 1], b[i + 1])
+        for j in range(int(corrector_steps)):          # the rule at the level's first step sets its step size
+            mean_y, var, steps[i] = corrector_law_step(lam, mask, si, mean_y, var, snr, steps.get(i))
+        if i == n - 1:
+            c = lam / (lam + si ** 2)
+            mean_y, var = c * mean_y, c ** 2 * var
+        else:
+            c = (lam + sn ** 2) / (lam + si ** 2)
+            mean_y, var = c * mean_y, c ** 2 * var + (si ** 2 - sn ** 2).clamp_min(0)
+    mu = torch.zeros_like(lam) if means is None else torch.as_tensor(means, dtype=torch.float64).expand_as(lam)
+    return mu + mean_y, var, steps
+
+
+def langevin_law(variances: torch.Tensor, mask: torch.Tensor, level: tuple, steps: int, snr: float,
+                 start: Optional[tuple[torch.Tensor, torch.Tensor]] = None, means: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Law (mean, var) per DCT coefficient after ``steps`` corrector steps at the fixed level (a, b) = ``level``,
+    from ``start`` = (mean, var) (default: the exact marginal N(mu, lambda + s^2)); also the step sizes
+    (eps_P, eps_perp) of the run (the rule's deterministic equivalent at its first step, kept for the others)."""
+    lam = variances.to(torch.float64)
+    mu = torch.zeros_like(lam) if means is None else torch.as_tensor(means, dtype=torch.float64).expand_as(lam)
+    s = _clock(mask, level[0], level[1], lam)
+    mean, var = (mu.clone(), lam + s ** 2) if start is None else start
+    mean_y, used = mean - mu, []
+    eps = None
+    for _ in range(int(steps)):                         # the rule at the first step sets the run's step size
+        mean_y, var, eps = corrector_law_step(lam, mask, s, mean_y, var, snr, eps)
+    return mu + mean_y, var, eps
+
+
+def law_frechet(mean: torch.Tensor, var: torch.Tensor, variances: torch.Tensor,
+                means: Optional[torch.Tensor] = None) -> float:
+    """Fréchet distance of N(mean, diag var) to the data N(means, diag variances) (DCT coordinates; the DCT is
+    orthonormal, so it is the distance in pixel space)."""
+    mu = 0.0 if means is None else torch.as_tensor(means, dtype=torch.float64)
+    return float((mean - mu).square().sum()) + frechet_diag(var, variances.to(torch.float64))
+
+
+def oracle_mask(net: 'OracleNet', row: int = 0) -> torch.Tensor:
+    """P of an oracle's sample of basis ``row`` as a DCT mask [H, W] (zeros behind SigmaView: P = 0)."""
+    if isinstance(net, SigmaView):
+        return torch.zeros(net.img_resolution, net.img_resolution, dtype=torch.float64)
+    return net.subspace.masks[int(net.basis_rows[row])].to(torch.float64)
+
+
+def stochastic_law(net, sampler: str, num_steps: int, grid: str = 'karras', sigma_min: float = 0.002,
+                   sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0, S_min: float = 0.0,
+                   S_max: float = float('inf'), S_noise: float = 1.0, corrector_steps: int = 1, snr: float = 0.16
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The exact output law (mean, var, corrector step sizes) of ``sampler`` ('aniso_sde' or 'pc') on an unconditional
+    OracleNet over a DCTGaussian (or a one-component DCTGaussianMixture: its mean), or on a SigmaView of one: the
+    levels and churn levels come from the sampler's own path and grid (edm_aniso.stochastic)."""
+    from edm_aniso.path import noise_path
+    from edm_aniso.stochastic import churn_gamma, churn_levels
+    inner = net.net if isinstance(net, SigmaView) else net
+    dist = inner.dist
+    means = None
+    if isinstance(dist, DCTGaussianMixture):
+        if dist.means.shape[0] != 1:
+            raise ValueError('stochastic_law needs Gaussian data: a DCTGaussian or a one-component mixture')
+        means = dist.means[0]
+    like = torch.zeros(1, inner.img_channels, inner.img_resolution, inner.img_resolution, dtype=torch.float64)
+    path = noise_path(net, None, like)
+    lev = path.grid(num_steps, grid, sigma_min, sigma_max, rho)
+    a, b = lev.a[0], lev.b[0]
+    mask = oracle_mask(net)
+    if sampler == 'aniso_sde':
+        sig = lev.sigma[:, :-1]                                          # [1, N]: one sample, every level
+        gamma = churn_gamma(sig, num_steps, S_churn, S_min, S_max)
+        _, a_hat, b_hat = churn_levels(net, path, sig, lev.a[:, :-1], lev.b[:, :-1], gamma)
+        a_hat, b_hat = a_hat[0], b_hat[0]
+        mean, var = aniso_sde_law(dist.variances, mask, a, b, a_hat, b_hat, S_noise, means)
+        return mean, var, {}
+    if sampler == 'pc':
+        return pc_law(dist.variances, mask, a, b, corrector_steps, snr, means)
+    raise ValueError(f'unknown sampler {sampler!r}; stochastic_law knows aniso_sde and pc')
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exact conditional laws and exact moments of affine samplers (inverse problems: edm_aniso.inverse).
+
+
+def dct_gaussian_covariance(variances: torch.Tensor) -> torch.Tensor:
+    """Pixel-space covariance [d, d] (d = C·H·W, flattened in C, H, W order) of DCTGaussian(variances): Σ = Bᵀ Λ B
+    with B the orthonormal per-channel 2-D DCT, whose rows map images to coefficients."""
+    lam = variances.to(torch.float64)
+    d = lam.numel()
+    eye = torch.eye(d, dtype=torch.float64).reshape(d, *lam.shape)
+    basis = from_dct(eye).reshape(d, d)                # row j: the image of DCT coefficient j
+    return basis.T @ (lam.reshape(d, 1) * basis)
+
+
+def projector_matrix(project: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+    """The matrix [d, d] of a linear map on images of ``shape`` (C, H, W), e.g. an observation's projector K."""
+    d = int(np.prod(shape))
+    eye = torch.eye(d, dtype=torch.float64).reshape(d, *shape)
+    return project(eye).reshape(d, d).T.contiguous()
+
+
+def gaussian_conditional(cov: torch.Tensor, known: torch.Tensor, y: torch.Tensor, tol: float = 0.0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Law of x ~ N(0, Σ) given K x = y, for K an orthogonal projector (the known component of an inverse problem).
+
+    With orthonormal bases Q_k of range K and Q_u of its complement (eigenvectors of K), k = Q_kᵀ y and Σ_ab =
+    Q_aᵀ Σ Q_b: the unknown coordinates are N(Σ_uk Σ_kk⁻¹ k, Σ_uu − Σ_uk Σ_kk⁻¹ Σ_ku) (Schur complement). Returned in
+    pixel space: mean = y + Q_u μ_u [d] and covariance Q_u C_u Q_uᵀ [d, d] (zero on the known component). ``tol`` > 0
+    adds tol·mean(diag Σ_kk) to Σ_kk before the solve (for nearly singular data)."""
+    cov, known = cov.to(torch.float64), known.to(torch.float64)
+    y = y.reshape(-1).to(torch.float64)
+    sym = (known + known.T) / 2
+    if float((sym @ sym - sym).abs().max()) > 1e-8 or float((known - known.T).abs().max()) > 1e-8:
+        raise ValueError('known must be an orthogonal projector (K² = K = Kᵀ)')
+    if float((sym @ y - y).abs().max()) > 1e-8 * max(1.0, float(y.abs().max())):
+        raise ValueError('y must lie in the known component (K y = y)')
+    w, v = torch.linalg.eigh(sym)
+    q_k, q_u = v[:, w > 0.5], v[:, w <= 0.5]
+    s_kk, s_uk, s_uu = q_k.T @ cov @ q_k, q_u.T @ cov @ q_k, q_u.T @ cov @ q_u
+    if q_k.shape[1] == 0:
+        return torch.zeros_like(y), cov.clone()
+    chol = torch.linalg.cholesky(s_kk + tol * torch.eye(s_kk.shape[0], dtype=torch.float64) * s_kk.diagonal().mean())
+    gain = torch.cholesky_solve(s_uk.T, chol).T               # Σ_uk Σ_kk⁻¹
+    mean_u = gain @ (q_k.T @ y)
+    cov_u = s_uu - gain @ s_uk.T
+    return y + q_u @ mean_u, q_u @ ((cov_u + cov_u.T) / 2) @ q_u.T
+
+
+class BasisNoise:
+    """Exact moments of a sampler that is affine in its Gaussian draws (a Gaussian oracle, linear observations).
+
+    Run the sampler once on the batch ``latents()`` with ``randn_like=self``: row 0 gets zero noise in every draw (the
+    mean path) and rows 1 + k d ... (k + 1) d get the unit vectors of draw k (draw 0: the latents), the other draws
+    zero. Per sample the output is then mean + J ξ with ξ ~ N(0, I) over all draws, J's columns read off the rows:
+    ``moments(out)`` = (mean [d], covariance JᵀJ [d, d]), exact with no Monte-Carlo error. ``num_draws`` counts the
+    latents and every randn_like call (find it by a dry run with ``count_draws``); the sampler must treat the samples
+    of a batch independently."""
+
+    def __init__(self, shape: Sequence[int], num_draws: int):
+        self.shape, self.num_draws = tuple(int(s) for s in shape), int(num_draws)
+        self.d = int(np.prod(self.shape))
+        self.batch = 1 + self.d * self.num_draws
+        self.calls = 0
+
+    def _draw(self, k: int, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if k >= self.num_draws:
+            raise RuntimeError(f'the sampler drew more than the {self.num_draws} draws announced')
+        dtype = torch.float64 if like is None else like.dtype
+        out = torch.zeros(self.batch, self.d, dtype=dtype)
+        out[1 + k * self.d: 1 + (k + 1) * self.d] = torch.eye(self.d, dtype=dtype)
+        return out.reshape(self.batch, *self.shape)
+
+    def latents(self) -> torch.Tensor:
+        return self._draw(0)
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self._draw(self.calls, like).to(like.device)
+
+    def moments(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.calls + 1 != self.num_draws:
+            raise RuntimeError(f'the sampler made {self.calls + 1} draws, {self.num_draws} were announced')
+        flat = out.reshape(self.batch, self.d).to(torch.float64)
+        jac = flat[1:] - flat[:1]
+        return flat[0], jac.T @ jac
+
+    @staticmethod
+    def count_draws(run: Callable[[torch.Tensor, Callable], torch.Tensor], shape: Sequence[int]) -> int:
+        """Latents plus randn_like calls of ``run(latents, randn_like)`` on a batch of one."""
+        calls = [0]
+
+        def counting(like: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            return torch.zeros_like(like)
+        run(torch.zeros(1, *shape, dtype=torch.float64), counting)
+        return 1 + calls[0]
+
+
+def affine_sampler_moments(run: Callable[[torch.Tensor, Callable], torch.Tensor], shape: Sequence[int]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (mean [d], covariance [d, d]) of ``run(latents, randn_like)`` with standard normal latents and draws,
+    for a sampler affine in them (BasisNoise)."""
+    noise = BasisNoise(shape, BasisNoise.count_draws(run, shape))
+    return noise.moments(run(noise.latents(), noise))
+
+
 __all__ = ['to_dct', 'from_dct', 'power_law_variances', 'low_block_mask', 'MaskedDCTSubspace', 'DCTGaussian',
            'DCTGaussianMixture', 'ratio_levels', 'RatioPath', 'knot_split', 'schedule_levels', 'OracleNet', 'heun_factors', 'frechet_diag', 'frechet_gaussians',
            'frechet_samples',
            'exact_end_ratio', 'exact_denoised_gain', 'gaussian_nll', 'gaussian_elbo',
-           'random_knot_oracle', 'SigmaView']
+           'random_knot_oracle', 'SigmaView', 'aniso_sde_law', 'pc_law', 'langevin_law', 'corrector_law_step',
+           'law_start', 'law_frechet', 'oracle_mask', 'stochastic_law',
+           'dct_gaussian_covariance', 'projector_matrix', 'gaussian_conditional', 'BasisNoise', 'affine_sampler_moments']

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from torch_utils import persistence
+from edm_aniso import hvp as hvp_lib
 
 ApplyFn = Callable[[torch.Tensor, Any, Any], torch.Tensor]   # apply(v, a, b) = a P v + b P_perp v
 
@@ -24,9 +25,8 @@ ApplyFn = Callable[[torch.Tensor, Any, Any], torch.Tensor]   # apply(v, a, b) = 
 # The theta-gradient surrogate, written for any projector (images or plain vectors; tests use a 5-D mixture).
 
 
-def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Per-sample inner product over all but the first dimension."""
-    return (u * v).flatten(1).sum(dim=1)
+_dot = hvp_lib.dot
+HvpFn = Callable[[torch.Tensor], Optional[torch.Tensor]]   # hvp(e) = q = grad_x <a, e>, or None where it is zero
 
 
 def _normalise(e: torch.Tensor) -> torch.Tensor:
@@ -38,16 +38,11 @@ def _unit_probe(like: torch.Tensor, generator: Optional[torch.Generator] = None)
     return _normalise(torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator))
 
 
-def _hvp(a: torch.Tensor, e: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """grad_x <a, e>, the Hessian-vector product of T1; None (zero) where a's graph does not reach x (a flow linear
-    in x: a then depends only on the network parameters)."""
-    return torch.autograd.grad(_dot(a, e).sum(), x, retain_graph=True, allow_unused=True)[0]
-
-
 def theta_surrogate(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor, apply: ApplyFn,
                     g: torch.Tensor, h: torch.Tensor, probes: int = 1, exact_trace: bool = False,
                     generator: Optional[torch.Generator] = None,
-                    probe_noise: Optional[torch.Tensor] = None, a: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    probe_noise: Optional[torch.Tensor] = None, a: Optional[torch.Tensor] = None,
+                    hvp: Optional[HvpFn] = None) -> torch.Tensor:
     """Per-sample S [B] whose theta-gradient is b . d_theta f at fixed x (method.md §5, wiring (1)-(3)).
 
     x: the point where f was evaluated (requires grad; f's graph reaches it). f: the flow there, with (g, h) detached
@@ -58,12 +53,19 @@ def theta_surrogate(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor, apply: Ap
     T1's trace uses ``probes`` Hutchinson probes (averaged), or every basis vector when ``exact_trace`` (tiny d only).
     Only M(theta) is live in S, so S gives no gradient to the network. ``probe_noise`` [probes, B, ...] fixes the
     Gaussian probes (normalised here), for reproducible tests; otherwise they are drawn with ``generator``.
-    ``a``: grad_x <b, f> already computed with create_graph=True (else computed here).
+    ``a``: grad_x <b, f> already computed with create_graph=True (else computed here). ``hvp``: q for a probe e
+    computed some other way (``edm_aniso.hvp.fd_hvp``); then ``a`` need not carry a graph and T1 is built whenever
+    ``hvp`` is given (default: the double backward ``edm_aniso.hvp.autograd_hvp`` through a's graph).
     """
     if probes < 1:
         raise ValueError(f'probes must be >= 1, got {probes}')
     if a is None:
         a = torch.autograd.grad(_dot(b, f).sum(), x, create_graph=True)[0]
+    if hvp is None:
+        hessian = a.requires_grad                                 # a flow linear in x has no Hessian: T1 = 0
+        hvp = lambda e: hvp_lib.autograd_hvp(a, e, x)             # noqa: E731
+    else:
+        hessian = True
     gs, hs = g.detach(), h.detach()
     fs, a_s = f.detach(), a.detach()
     s2 = _dot(a_s, apply(fs, g / gs.sqrt(), h / hs.sqrt()))
@@ -72,18 +74,18 @@ def theta_surrogate(x: torch.Tensor, f: torch.Tensor, b: torch.Tensor, apply: Ap
     if exact_trace:
         s1 = torch.zeros_like(s2)
         flat = torch.eye(d, dtype=x.dtype, device=x.device)
-        for i in range(d if a.requires_grad else 0):              # as below: no Hessian, T1 = 0
+        for i in range(d if hessian else 0):
             e = flat[i].reshape(x.shape[1:]).expand_as(x)
-            q = _hvp(a, e, x)
+            q = hvp(e)
             if q is not None:
                 s1 = s1 + 0.5 * _dot(q, apply(e, g, h))
     else:
         s1 = torch.zeros_like(s2)
         if probe_noise is not None:
             probes = probe_noise.shape[0]
-        for k in range(probes if a.requires_grad else 0):   # a flow linear in x has no Hessian: T1 = 0
+        for k in range(probes if hessian else 0):
             e = _unit_probe(x, generator) if probe_noise is None else _normalise(probe_noise[k].to(x.dtype))
-            q = _hvp(a, e, x)
+            q = hvp(e)
             if q is not None:
                 s1 = s1 + (0.5 * d / probes) * _dot(q, apply(e, g, h))
     return s1 + s2 + s3
@@ -142,34 +144,74 @@ class AnisoStage1Loss:
         return weight.reshape(-1, 1, 1, 1) * (D - y).square()
 
 
+class _GradInjection(torch.autograd.Function):
+    """A zero scalar whose backward hands precomputed gradients to parameters, times the incoming gradient.
+
+    The fused wiring gets phi's gradient from the estimator's own VJP; carrying it as <sg(grad), p> would keep a
+    second copy of every gradient alive next to p.grad during the loop's backward. Here the stored gradients are
+    scaled in place and handed over (then dropped), so they become p.grad without a copy. One backward only."""
+
+    @staticmethod
+    def forward(ctx: Any, grads: list, *params: torch.Tensor) -> torch.Tensor:   # noqa: D102
+        ctx.grads = grads
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:                     # noqa: D102
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError('the stage-2 loss supports one backward only')
+        out = tuple(None if gp is None else gp.mul_(grad_out.to(gp.dtype)) for gp in grads)
+        grads.clear()
+        return (None,) + out
+
+
+def inject_gradients(params: list, grads: list) -> torch.Tensor:
+    """Zero-valued scalar whose gradient w.r.t. params[i] is grads[i] (None: no gradient); consumes ``grads``."""
+    return _GradInjection.apply(list(grads), *params)
+
+
 @persistence.persistent_class
 class AnisoStage2Loss:
     """Stage 2 (method.md §5): trajectory objective with flow target -eps and the theta-gradient estimator.
 
     Per sample: L = sum_pixels (W^(1/2) (f + eps))^2, W = g_dot^2/(g(g+kappa)) on P and h_dot^2/(h(h+kappa)) on
     P_perp. theta gets (i) the explicit gradient through W, (ii) the pathwise gradient through x_t = x0 + M^(1/2) eps
-    into the network, and (iii) the surrogate S - sg(S) (value 0). ``probes`` > 1 averages Hutchinson probes;
-    ``estimator_every = k`` adds the surrogate only on steps with step_index % k == 0 (set by ``begin_step``; the
-    surrogate is not rescaled by k), other steps keep (i) + (ii).
+    into the network, and (iii) the surrogate S - sg(S) (value 0). ``probes`` > 1 averages Hutchinson probes.
 
-    ``fused`` (estimator steps only): the create_graph VJP of wiring step (1) also returns grad_phi <b, f>, and with
+    ``hvp`` (``--hvp``): how wiring step (2) gets q = grad_x <a, e>: 'fd' (default), a one-sided difference of the VJP
+    with a second network call that replays the first one's randomness, no create_graph (``edm_aniso.hvp``); or
+    'autograd', the double backward (the reference).
+
+    ``estimator_every = k`` (``--estimator-every``): the surrogate runs only on steps with step_index % k == 0 (set by
+    ``begin_step``) and is multiplied by k there, so that over any k consecutive steps the theta-gradient (iii) has the
+    every-step expectation (unbiased); the other steps keep (i) + (ii), the plain loss with no estimator graph.
+
+    ``fused`` (estimator steps only): the estimator's VJP of wiring step (1) also returns grad_phi <b, f>, and with
     a = grad_x <b, f> that is all the regression term's backward needs (phi: <b, df/dphi>; pathwise theta:
-    <a, dx_t/dtheta>). The loss then carries them as zero-valued terms <sg(grad), param> - sg(.) instead of a second
-    backward through the network: the same gradients (tested against fused=False) for about one backward less.
+    <a, dx_t/dtheta>). The loss then carries them as zero-valued terms instead of a second backward through the
+    network: the same gradients (tested against fused=False) for about one backward less. With hvp='fd' the fused VJP
+    is a plain backward that frees the forward graph before the second call; unfused, the forward graph stays alive
+    for the loop's backward.
     """
 
     explicit_grad_sync = True   # double backward: the loop calls the unwrapped net and all-reduces gradients.
 
     def __init__(self, kappa: float = 1.0, t_min: float = 1e-9, probes: int = 1, estimator_every: int = 1,
-                 fused: bool = True) -> None:
+                 fused: bool = True, hvp: str = 'fd', fd_scale: float = hvp_lib.FD_SCALE) -> None:
         if not kappa > 0 or not t_min >= 0 or probes < 1 or estimator_every < 1:
             raise ValueError(f'AnisoStage2Loss needs kappa > 0, t_min >= 0, probes >= 1 and estimator_every >= 1, '
                              f'got {kappa}, {t_min}, {probes}, {estimator_every}')
+        if hvp not in hvp_lib.HVP_METHODS or not fd_scale > 0:
+            raise ValueError(f'AnisoStage2Loss needs hvp in {hvp_lib.HVP_METHODS} and fd_scale > 0, got {hvp!r}, '
+                             f'{fd_scale}')
         self.kappa = float(kappa)
         self.t_min = float(t_min)
         self.probes = int(probes)
         self.estimator_every = int(estimator_every)
         self.fused = bool(fused)
+        self.hvp = str(hvp)
+        self.fd_scale = float(fd_scale)
         self.step_index = 0
 
     def begin_step(self, step_index: int) -> None:
@@ -188,36 +230,88 @@ class AnisoStage2Loss:
                 eps: torch.Tensor, aug: Any = None, probe_noise: Optional[torch.Tensor] = None,
                 estimator: Optional[bool] = None) -> torch.Tensor:
         """The loss for given times t [B], noise eps and optional probes [probes, B, C, H, W], per element.
-        estimator: force the surrogate on/off (None: the begin_step schedule)."""
+        estimator: force the surrogate on/off (None: the begin_step schedule; forcing it on keeps the factor k)."""
         g, g_dot, h, h_dot = net.schedules(t, labels)
         _, basis_id = net.rows_for(labels, y.shape[0])
         apply = lambda v, a, b: net.subspace.apply(v, a, b, basis_id=basis_id)   # noqa: E731
+        flow = lambda x: net.flow(x, g.detach(), h.detach(), labels, basis_id=basis_id,   # noqa: E731
+                                  augment_labels=aug)
 
         x_t = y + apply(eps, g.sqrt(), h.sqrt())                      # live in theta: the pathwise part (ii)
-        run_estimator = self.estimator_active if estimator is None else bool(estimator)
-        if run_estimator and not x_t.requires_grad:
-            x_t = x_t.detach().requires_grad_(True)
-        f = net.flow(x_t, g.detach(), h.detach(), labels, basis_id=basis_id, augment_labels=aug)
-        r = f + eps
         w_p = g_dot.square() / (g * (g + self.kappa))                 # explicit part (i)
         w_q = h_dot.square() / (h * (h + self.kappa))
+        run_estimator = self.estimator_active if estimator is None else bool(estimator)
         if not run_estimator:
+            r = flow(x_t) + eps
             return apply(r, w_p.sqrt(), w_q.sqrt()).square()           # (W^1/2 r)^2 per element
+        weight = float(self.estimator_every)                           # unbiased over k steps
+        surrogate = lambda x, f, b, **kw: weight * theta_surrogate(    # noqa: E731
+            x, f, b, apply, g, h, probes=self.probes, probe_noise=probe_noise, **kw)
+        if self.hvp == 'fd':
+            return self._fd(net, flow, apply, x_t, eps, w_p, w_q, g, h, surrogate)
+        if not x_t.requires_grad:
+            x_t = x_t.detach().requires_grad_(True)
+        f = flow(x_t)
+        r = f + eps
         b = 2 * apply(r.detach(), w_p.detach(), w_q.detach())          # b = sg(2 W r) = dL/df
         if not self.fused:
             loss = apply(r, w_p.sqrt(), w_q.sqrt()).square()
-            S = theta_surrogate(x_t, f, b, apply, g, h, probes=self.probes, probe_noise=probe_noise)
+            S = surrogate(x_t, f, b)
             return loss + spread(S - S.detach(), loss)
-        theta_ids = {id(p) for p in net.schedule_parameters()}        # theta's pathwise part comes from `path`
-        params = [p for p in net.parameters() if p.requires_grad and id(p) not in theta_ids]
+        params = _phi_parameters(net)
         grads = torch.autograd.grad(_dot(b, f).sum(), [x_t] + params, create_graph=True, allow_unused=True)
         a = grads[0]
-        phi_term = sum((p * gp.detach()).sum() for p, gp in zip(params, grads[1:]) if gp is not None)
+        phi_grads = [None if gp is None else gp.detach() for gp in grads[1:]]
         del grads
-        S = theta_surrogate(x_t, f, b, apply, g, h, probes=self.probes, probe_noise=probe_noise, a=a)
-        path = _dot(a.detach(), x_t)                                   # pathwise theta-gradient (ii)
-        loss = apply(r.detach(), w_p.sqrt(), w_q.sqrt()).square()      # value and explicit theta-gradient (i)
+        S = surrogate(x_t, f, b, a=a)
+        return self._fused_loss(r, a, x_t, S, params, phi_grads, apply, w_p, w_q)
+
+    def _fd(self, net: Any, flow: Callable, apply: ApplyFn, x_t: torch.Tensor, eps: torch.Tensor,
+            w_p: torch.Tensor, w_q: torch.Tensor, g: torch.Tensor, h: torch.Tensor, surrogate: Callable
+            ) -> torch.Tensor:
+        """Estimator step with the finite-difference HVP (``edm_aniso.hvp``)."""
+        params = _phi_parameters(net)
+        x = x_t.detach().requires_grad_(True)
+        rng = hvp_lib.RngReplay(x.device)                              # the masks of this first call
+        if self.fused:
+            f = flow(x)
+            r = f.detach() + eps
+            b = 2 * apply(r, w_p.detach(), w_q.detach())
+            grads = torch.autograd.grad(_dot(b, f).sum(), [x] + params, allow_unused=True)   # frees f's graph
+            a, phi_grads = grads[0], list(grads[1:])
+            del grads, f
+        else:                                                          # forward graph kept for the loop's backward
+            x_live = x_t if x_t.requires_grad else x
+            f = flow(x_live)
+            r = f + eps
+            b = 2 * apply(r.detach(), w_p.detach(), w_q.detach())
+            a = torch.autograd.grad(_dot(b, f).sum(), x_live, retain_graph=True)[0]
+
+        def vjp(x2: torch.Tensor) -> torch.Tensor:
+            with rng.replay():
+                return hvp_lib.input_vjp(flow, x2, b, params)
+
+        delta = hvp_lib.fd_delta(x, torch.minimum(g, h).detach().sqrt(), self.fd_scale)
+        S = surrogate(x, r.detach() - eps, b, a=a.detach(), hvp=lambda e: hvp_lib.fd_hvp(vjp, x, a, e, delta))
+        if not self.fused:
+            loss = apply(r, w_p.sqrt(), w_q.sqrt()).square()
+            return loss + spread(S - S.detach(), loss)
+        return self._fused_loss(r, a, x_t, S, params, phi_grads, apply, w_p, w_q)
+
+    @staticmethod
+    def _fused_loss(r: torch.Tensor, a: torch.Tensor, x_t: torch.Tensor, S: torch.Tensor, params: list,
+                    phi_grads: list, apply: ApplyFn, w_p: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+        """Value and explicit theta-gradient (i) from the detached residual, pathwise theta-gradient (ii) as
+        <sg(a), x_t>, the surrogate (iii), and phi's gradient handed over from the estimator's VJP."""
+        path = _dot(a.detach(), x_t)
+        loss = apply(r.detach(), w_p.sqrt(), w_q.sqrt()).square()
         zero = S - S.detach() + path - path.detach()
-        if torch.is_tensor(phi_term):
-            zero = zero + (phi_term - phi_term.detach()) / zero.shape[0]
+        if any(gp is not None for gp in phi_grads):
+            zero = zero + inject_gradients(params, phi_grads) / zero.shape[0]
         return loss + spread(zero, loss)
+
+
+def _phi_parameters(net: Any) -> list:
+    """Parameters that want a gradient, except theta's (theta's pathwise part comes from <sg(a), x_t>)."""
+    theta_ids = {id(p) for p in net.schedule_parameters()}
+    return [p for p in net.parameters() if p.requires_grad and id(p) not in theta_ids]

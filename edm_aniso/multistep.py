@@ -83,8 +83,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from edm_aniso.path import NoisePath, PathDenoiser, noise_path
-from edm_aniso.sampler import GRID_OPTION, TRAJECTORY_OPTION, _recorder, check_options
+from edm_aniso.path import NoisePath
+from edm_aniso.sampler import GRID_OPTION, TRAJECTORY_OPTION, check_options, start_on_grid
 
 try:
     from training.registry import SamplerEntry
@@ -124,12 +124,8 @@ def _run(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tensor], 
 
     ``step(path, x, D, hist, a, b, i)`` returns (x_{i+1}, v_i), v_i what later steps need of level i (D_i, or
     D_i - x_i); ``hist`` lists the (v_j, a_j, b_j) of the earlier levels, newest first (at most three)."""
-    path = noise_path(net, class_labels, latents)
-    lev = path.grid(num_steps, grid, sigma_min, sigma_max, rho)
-    den = PathDenoiser(net, path, class_labels)
-    record = _recorder(trajectory, seeds, randn_like)
-    a, b = lev.a, lev.b
-    x = path.apply(latents.to(torch.float64), a[:, 0], b[:, 0])
+    path, den, a, b, x, record = start_on_grid(net, latents, class_labels, randn_like, num_steps, grid, sigma_min,
+                                               sigma_max, rho, trajectory, seeds)
     hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for i in range(num_steps):
         if torch.equal(a[:, i], a[:, i + 1]) and torch.equal(b[:, i], b[:, i + 1]):

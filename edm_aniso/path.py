@@ -210,7 +210,7 @@ class NoisePath:
 
     def grid(self,
         num_steps:  int,                        # N levels before the final 0
-        kind:       str             = 'karras', # 'karras': EDM's rho grid; 'schedule': uniform in schedule time t
+        kind:       str             = 'karras', # 'karras': EDM's rho grid; 'schedule': N uniform steps of t to 0
         sigma_min:  Optional[float] = None,     # None: 0.002, raised to the network's sigma_min
         sigma_max:  Optional[float] = None,     # None: 80, lowered to the network's sigma_max
         rho:        float           = 7.0,      # rho of the Karras grid
@@ -219,12 +219,13 @@ class NoisePath:
 
         ``karras``: sigma_i = EDM's rho grid, so t_i = F^{-1}(sigma_i^2) and a learned schedule only sets the split
         a_i/b_i at each Karras level (a learned isotropic g is then a pure reparametrisation: exactly EDM's levels).
-        ``schedule``: the N levels at uniform t of the learned path between t(sigma_max) and t(sigma_min),
-        t_i = t_0 + i/(N-1) (t_{N-1} - t_0), sigma_i = sqrt(F(t_i)): a learned g is then a learned time grid and a
-        learned (g, h) a learned grid and split (the reference's standard sampler spacing, with the same end levels
-        as the Karras grid). With the Karras initialisation the schedule grid is rho-like but denser at the low end
-        (t(sigma_min) lies inside the first knot segment, as F(0) = g0 << sigma_min^2): at 18 levels its sigma_i are
-        up to 39 % above EDM's near sigma_min. Both grids end with a_N = b_N = 0."""
+        ``schedule``: N uniform steps of schedule time from t_0 = t(sigma_max) down to 0, t_i = t_0 (1 - i/N),
+        i = 0 ... N-1, sigma_i = sqrt(F(t_i)), and the final level 0 at t_N = 0: a learned g is then a learned time grid
+        and a learned (g, h) a learned grid and split, decided by the schedule alone (``sigma_min`` is not applied;
+        the last level before 0 is sigma(t_0 / N), set by the learned g). This is the grid the discretisation
+        objective trains for (edm_aniso.disc_loss, docs/discretisation-objective.md: steps of t_0/K). With the
+        Karras initialisation of g it is a rho-like grid whose last level sigma(T/N) lies inside the knot grid
+        (with that init about 0.007 at N = 18 and 0.085 at N = 5). Both grids end with a_N = b_N = 0."""
         if kind not in GRID_KINDS:
             raise ValueError(f'unknown grid {kind!r}; choose one of {", ".join(GRID_KINDS)}')
         lo = max(0.002 if sigma_min is None else float(sigma_min), self.sigma_min)
@@ -238,12 +239,9 @@ class NoisePath:
             if not self.has_schedule_time:
                 raise ValueError('--grid=schedule needs a network with a learned schedule (--precond=aniso); '
                                  'an EDM network has only the Karras grid')
-            if not 0 < lo < hi:
-                raise ValueError(f'need 0 < sigma_min < sigma_max, got {lo}, {hi}')
-            t0, t1 = self.time(hi), self.time(lo)                                # [B]
-            frac = torch.linspace(0, 1, num_steps, dtype=torch.float64, device=self.device) if num_steps > 1 else \
-                torch.zeros(1, dtype=torch.float64, device=self.device)
-            t = t0[:, None] + frac[None] * (t1 - t0)[:, None]                   # [B, N]
+            t0 = self.time(hi)                                                   # [B]
+            frac = torch.arange(num_steps, dtype=torch.float64, device=self.device) / num_steps
+            t = t0[:, None] * (1 - frac[None])                                   # [B, N]: t_0 (1 - i/N)
             a, b = self.split_at_time(t)
             sig = (a * b).sqrt()
         zero = torch.zeros(self.batch, 1, dtype=torch.float64, device=self.device)

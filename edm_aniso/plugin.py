@@ -51,6 +51,17 @@ OPTIONS = [
                  type=click.IntRange(min=1)),
     click.Option(['--estimator-every'], help='Run the theta estimator every N-th step (stage 2)  [default: 1]',
                  metavar='INT', type=click.IntRange(min=1)),
+    click.Option(['--objective'], help='Schedule objective: energy = the trajectory objective (method.md §5); '
+                 'energy+disc adds the local error of one sampler step on the --grid=schedule grid '
+                 '(docs/discretisation-objective.md)  [default: energy]', type=click.Choice(['energy', 'energy+disc'])),
+    click.Option(['--disc-weight'], help='Weight of the discretisation term (--objective=energy+disc)  [default: 1]',
+                 metavar='FLOAT', type=click.FloatRange(min=0)),
+    click.Option(['--disc-steps'], help='Sampler steps K the term targets: K or a range K1-K2  [default: 5-18]',
+                 metavar='K|K1-K2', type=str),
+    click.Option(['--disc-substeps'], help='Heun substeps of the reference solve of each step  [default: 4]',
+                 metavar='INT', type=click.IntRange(min=2)),
+    click.Option(['--disc-detach-net'], help='Network weights get no gradient from the discretisation term  '
+                 '[default: True]', metavar='BOOL', type=bool),
     click.Option(['--preset'], help='Hyper-parameter preset (reference: the method\'s published settings)',
                  type=click.Choice(['reference'])),
 ]
@@ -125,6 +136,32 @@ def _pca_bases_path(c: Any, opts: Any, rank: Optional[int]) -> str:
     return path
 
 
+DISC_OPTIONS = [('disc_weight', '--disc-weight'), ('disc_steps', '--disc-steps'), ('disc_substeps', '--disc-substeps'),
+                ('disc_detach_net', '--disc-detach-net')]
+
+
+def objective_loss_kwargs(energy: Any, opts: Any) -> Any:
+    """--objective: the stage's energy loss kwargs as they are (energy), or wrapped in
+    edm_aniso.disc_loss.EnergyDiscLoss with the --disc-* options (energy+disc)."""
+    from edm_aniso.disc_loss import parse_steps
+    objective = opts.get('objective') or 'energy'
+    if objective == 'energy':
+        for name, flag in DISC_OPTIONS:
+            if opts.get(name) is not None:
+                raise click.ClickException(f'{flag} applies only to --objective=energy+disc')
+        return energy
+    try:
+        steps = parse_steps(opts.get('disc_steps') or '5-18')
+    except ValueError as err:
+        raise click.ClickException(f'--disc-steps: {err}')
+    weight = opts.get('disc_weight')
+    detach = opts.get('disc_detach_net')
+    return dnnlib.EasyDict(class_name='edm_aniso.disc_loss.EnergyDiscLoss', energy=dict(energy),
+                           disc_weight=1.0 if weight is None else float(weight), disc_steps=list(steps),
+                           disc_substeps=opts.get('disc_substeps') or 4,
+                           disc_detach_net=True if detach is None else bool(detach))
+
+
 def configure(c: Any, opts: Any) -> None:
     """Fill the training config for --precond=aniso (see the module docstring for the defaults)."""
     stage = opts.get('stage') or 1
@@ -147,6 +184,7 @@ def configure(c: Any, opts: Any) -> None:
     if opts.get('pca_bases') is not None and not os.path.isfile(opts.pca_bases):
         raise click.ClickException(f'--pca-bases: no such file: {opts.pca_bases}')
     reference = opts.get('preset') == 'reference'
+    objective_loss_kwargs(dnnlib.EasyDict(), opts)      # --objective/--disc-* checked before anything is written
 
     # Run length first: the relative ramp/decay defaults depend on it.
     if reference and not _given(opts, 'duration'):
@@ -178,6 +216,7 @@ def configure(c: Any, opts: Any) -> None:
         c.loss_kwargs = dnnlib.EasyDict(class_name='edm_aniso.loss.AnisoStage2Loss', kappa=kappa,
                                         probes=opts.get('probes') or 1,
                                         estimator_every=opts.get('estimator_every') or 1)
+    c.loss_kwargs = objective_loss_kwargs(c.loss_kwargs, opts)
 
     # Optimizers: phi keeps the base Adam (fine-tuning LR unless --lr), theta gets its own.
     if reference or not _given(opts, 'lr'):
@@ -209,7 +248,7 @@ registry.register_precond(registry.PrecondEntry(
     help='learned anisotropic noise schedules (edm_aniso, method.md)'))
 
 # Samplers: each sampler module lists its entries in SAMPLER_ENTRIES; register them all.
-SAMPLER_MODULES = ['edm_aniso.sampler', 'edm_aniso.multistep']
+SAMPLER_MODULES = ['edm_aniso.sampler', 'edm_aniso.multistep', 'edm_aniso.stochastic']
 for _name in SAMPLER_MODULES:
     for _entry in getattr(importlib.import_module(_name), 'SAMPLER_ENTRIES', []):
         registry.register_sampler(_entry)

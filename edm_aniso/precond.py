@@ -279,6 +279,20 @@ class AnisoPrecond(torch.nn.Module):
         return torch.cat([a_p[pos], zero], dim=1), torch.cat([b_p[pos], zero], dim=1)
 
     @torch.no_grad()
+    @staticmethod
+    def transfer_note(network_kwargs: dict, src: Optional[torch.nn.Module]) -> Optional[str]:
+        """train.py's preflight hook (docs/architecture.md): one warning line when a stage-2 run would not start from a
+        stage-1 network, else None. `src` is the --transfer pickle's network, None without --transfer."""
+        if network_kwargs.get('stage', 1) != 2:
+            return None
+        if src is None:
+            return ('--stage=2 without --transfer trains the U-Net and both schedules from random initialisation; '
+                    'the method starts stage 2 from a stage-1 pickle (--transfer=STAGE1.pkl)')
+        if getattr(src, 'stage', None) is None:
+            return (f'--stage=2 from a {type(src).__name__} pickle skips stage 1 (g and h start from the Karras '
+                    f'schedule); the method runs --stage=1 --transfer=EDM.pkl first')
+        return None
+
     def transfer_from(self, src: torch.nn.Module) -> None:
         """Initialise from a network pickle's module (train.py --transfer).
 

@@ -8,12 +8,12 @@ deterministic Heun sampler (``edm_sampler`` with S_churn = 0).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import click
 import torch
 
-from edm_aniso.path import GRID_KINDS, PathDenoiser, edm_sigma_grid, noise_path
+from edm_aniso.path import GRID_KINDS, NoisePath, PathDenoiser, edm_sigma_grid, noise_path
 
 try:
     from training.registry import SamplerEntry
@@ -75,6 +75,28 @@ def _recorder(trajectory: Optional[str], seeds: Optional[list[int]], randn_like:
     return TrajectoryRecorder(trajectory, names)
 
 
+class GridStart(NamedTuple):
+    """What every sampler on a level grid starts from (``start_on_grid``)."""
+    path: NoisePath                 # the network's noise path (per sample)
+    den: PathDenoiser               # D(x; M) and the flow f on that path
+    a: torch.Tensor                 # [B, N+1] levels on P (a_N = 0)
+    b: torch.Tensor                 # [B, N+1] levels on P_perp
+    x: torch.Tensor                 # x_0 = M_0^{1/2} z, float64
+    record: Optional[TrajectoryRecorder]
+
+
+def start_on_grid(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tensor], randn_like: Any,
+                  num_steps: int, grid: str, sigma_min: Optional[float], sigma_max: Optional[float], rho: float,
+                  trajectory: Optional[str], seeds: Optional[list[int]]) -> GridStart:
+    """The network's path, its N + 1 levels (``NoisePath.grid``), the denoiser, the prior sample x_0 = M_0^{1/2} z
+    and the optional trajectory recorder: the set-up shared by aniso_heun and the samplers built on it."""
+    path = noise_path(net, class_labels, latents)
+    lev = path.grid(num_steps, grid, sigma_min, sigma_max, rho)
+    x = path.apply(latents.to(torch.float64), lev.a[:, 0], lev.b[:, 0])
+    return GridStart(path, PathDenoiser(net, path, class_labels), lev.a, lev.b, x,
+                     _recorder(trajectory, seeds, randn_like))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # aniso_heun.
 
@@ -94,16 +116,12 @@ def aniso_heun(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Ten
     """Per-subspace Heun on the network's noise path (method.md §6), float64 output.
 
     Levels (a_i, b_i) from ``NoisePath.grid`` (EDM's sigma grid mapped to each sample's schedule times, or uniform
-    schedule time with grid='schedule'). Step i: Delta = (a_{i+1} - a_i) P + (b_{i+1} - b_i) P_perp,
+    steps of schedule time down to 0 with grid='schedule'). Step i: Delta = (a_{i+1} - a_i) P + (b_{i+1} - b_i) P_perp,
     x' = x_i - Delta f(x_i; M_i); unless i = N - 1, x_{i+1} = x_i - Delta (f(x_i; M_i) + f(x'; M_{i+1}))/2.
     Start x_0 = M_0^{1/2} z. On an EDM network (a = b = sigma) every step is EDM's deterministic Heun step.
     """
-    path = noise_path(net, class_labels, latents)
-    lev = path.grid(num_steps, grid, sigma_min, sigma_max, rho)
-    den = PathDenoiser(net, path, class_labels)
-    record = _recorder(trajectory, seeds, randn_like)
-    a, b = lev.a, lev.b
-    x = path.apply(latents.to(torch.float64), a[:, 0], b[:, 0])
+    path, den, a, b, x, record = start_on_grid(net, latents, class_labels, randn_like, num_steps, grid, sigma_min,
+                                               sigma_max, rho, trajectory, seeds)
     for i in range(num_steps):
         f = den.flow(x, a[:, i], b[:, i])
         da, db = a[:, i + 1] - a[:, i], b[:, i + 1] - b[:, i]
@@ -230,8 +248,8 @@ def _check_rk2(net: Any, opts: Any) -> None:
 # once, under all its samplers).
 TRAJECTORY_OPTION = click.Option(['--trajectory'], help='Save a strip PNG of the denoised estimate at every step per '
                                  'seed here', metavar='DIR', type=str, default=None)
-GRID_OPTION = click.Option(['--grid'], help='Sampler levels: karras = EDM\'s sigma grid (rho), schedule = uniform time '
-                           'of the learned schedule  [default: karras]', type=click.Choice(list(GRID_KINDS)),
+GRID_OPTION = click.Option(['--grid'], help='Sampler levels: karras = EDM\'s sigma grid (rho), schedule = N uniform steps '
+                           'of the learned schedule\'s time down to 0 (--sigma_min not applied)  [default: karras]', type=click.Choice(list(GRID_KINDS)),
                            default=None)
 
 SAMPLER_ENTRIES: list = [] if SamplerEntry is None else [

@@ -311,12 +311,13 @@ def test_class_bank_uses_each_samples_own_row(stage):
     assert not torch.allclose(a.sum(), c.sum(), rtol=1e-3)                  # class 0's row gives another loss
 
 
-@pytest.mark.parametrize('stage', [1, 2])
-def test_gradients_independent_of_accumulation_and_class_split(stage):
-    """Per-sample sums: a batch of 4 equals two rounds of 2 (also split by class), after dividing by 4."""
+@pytest.mark.parametrize('stage,hvp,rtol', [(1, None, 1e-4), (2, 'autograd', 1e-4), (2, 'fd', 3e-3)])
+def test_gradients_independent_of_accumulation_and_class_split(stage, hvp, rtol):
+    """Per-sample sums: a batch of 4 equals two rounds of 2 (also split by class), after dividing by 4. The fd HVP
+    differs between batch sizes by its float32 rounding (~1e-3 of T1), hence its looser tolerance."""
     net = _net(stage, label_dim=2, per_class=True, **({'subspace': 'dct'} if stage == 2 else {}))
     y, labels, t, eps, probes = _batch(4, label_dim=2)
-    loss_fn = AnisoStage1Loss() if stage == 1 else AnisoStage2Loss()
+    loss_fn = AnisoStage1Loss() if stage == 1 else AnisoStage2Loss(hvp=hvp)
     kw = lambda idx: {} if stage == 1 else dict(probe_noise=probes[:, idx], estimator=True)   # noqa: E731
     params = list(net.parameters())
 
@@ -330,7 +331,7 @@ def test_gradients_independent_of_accumulation_and_class_split(stage):
     full = run([[0, 1, 2, 3]])
     for split in ([[0, 1], [2, 3]], [[0, 2], [1, 3]]):   # labels alternate: the second split is by class
         for a, b in zip(full, run(split)):
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-10)
+            assert torch.allclose(a, b, rtol=rtol, atol=1e-10)
 
 
 def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

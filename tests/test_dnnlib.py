@@ -4,8 +4,10 @@ import hashlib
 import http.server
 import io
 import os
+import socket
 import sys
 import threading
+import time
 
 import pytest
 
@@ -21,8 +23,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     failures_left: dict = {}  # path -> number of 500 answers still to give
     hits: dict = {}           # path -> number of requests seen
 
+    delays: dict = {}         # path -> seconds to wait before answering, one entry used per request
+
     def do_GET(self):  # noqa: N802 (http.server naming)
         self.hits[self.path] = self.hits.get(self.path, 0) + 1
+        if self.delays.get(self.path):
+            time.sleep(self.delays[self.path].pop(0))
         if self.failures_left.get(self.path, 0) > 0:
             self.failures_left[self.path] -= 1
             self.send_error(500)
@@ -36,7 +42,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if name is not None:
             self.send_header('Content-Disposition', f'attachment; filename="{name}"')
         self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting (timeout tests)
+            pass
 
     def log_message(self, *args):
         pass
@@ -44,7 +53,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    _Handler.files, _Handler.failures_left, _Handler.hits = {}, {}, {}
+    _Handler.files, _Handler.failures_left, _Handler.hits, _Handler.delays = {}, {}, {}, {}
     httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
     thread.start()
@@ -182,6 +191,59 @@ def test_open_url_retries(server, tmp_path, capsys):
     assert _Handler.hits['/flaky2'] == 2
 
 
+def test_open_url_timeout_then_retry_succeeds(server, tmp_path):
+    _, base = server
+    _Handler.files['/slow'] = (b'late bytes', None)
+    _Handler.delays['/slow'] = [1.5]            # the first answer comes far after the timeout; the second at once
+    start = time.monotonic()
+    with util.open_url(base + '/slow', cache_dir=str(tmp_path), num_attempts=3, timeout=0.2, verbose=False) as f:
+        assert f.read() == b'late bytes'
+    assert _Handler.hits['/slow'] == 2
+    assert time.monotonic() - start < 1.2       # it did not wait for the slow answer
+
+
+def test_open_url_gives_up_after_timeouts_with_one_error(server, tmp_path):
+    _, base = server
+    _Handler.files['/stuck'] = (b'never in time', None)
+    _Handler.delays['/stuck'] = [0.6, 0.6]
+    with pytest.raises(util.DownloadError, match=r'/stuck \(2 attempts\).*Timeout') as info:
+        util.open_url(base + '/stuck', cache_dir=str(tmp_path), num_attempts=2, timeout=0.15, verbose=False)
+    assert isinstance(info.value, IOError)
+    assert _Handler.hits['/stuck'] == 2
+    assert os.listdir(tmp_path) == []           # nothing cached, no temporary file left
+
+
+def test_open_url_client_error_is_not_retried(server, tmp_path, capsys):
+    _, base = server
+    with pytest.raises(util.DownloadError, match=r'/nope \(1 attempt\): HTTP 404'):
+        util.open_url(base + '/nope', cache_dir=str(tmp_path), num_attempts=5)
+    assert _Handler.hits['/nope'] == 1
+    assert capsys.readouterr().out.rstrip().endswith('failed')
+
+
+def test_open_url_connection_refused_is_retried_then_reported(tmp_path):
+    with socket.socket() as sock:               # a port that nothing listens on
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(util.DownloadError, match=r'\(2 attempts\).*ConnectionError'):
+        util.open_url(f'http://127.0.0.1:{port}/x', cache_dir=str(tmp_path), num_attempts=2, timeout=2,
+                      verbose=False)
+    with pytest.raises(ValueError):
+        util.open_url(f'http://127.0.0.1:{port}/x', timeout=0)
+
+
+def test_open_url_without_requests_still_opens_local_files(tmp_path, monkeypatch):
+    path = tmp_path / 'local.bin'
+    path.write_bytes(b'here')
+    monkeypatch.setitem(sys.modules, 'requests', None)  # `import requests` now raises ImportError
+    with util.open_url(str(path)) as f:
+        assert f.read() == b'here'
+    with util.open_url(path.as_uri()) as f:
+        assert f.read() == b'here'
+    with pytest.raises(ImportError, match='requests'):
+        util.open_url('http://127.0.0.1:9/x', cache_dir=str(tmp_path / 'c'), verbose=False)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Objects by name
 
@@ -255,6 +317,25 @@ def test_logger_tees_stdout_and_stderr(tmp_path, capsys):
     with util.Logger():  # no file: still a transparent pass-through
         print('no file')
     assert 'no file' in capsys.readouterr().out
+
+
+def test_nested_loggers_restore_streams_in_order(tmp_path):
+    outer_stdout, outer_stderr = sys.stdout, sys.stderr
+    a = util.Logger(file_name=str(tmp_path / 'a.txt'))
+    b = util.Logger(file_name=str(tmp_path / 'b.txt'))
+    print('both')
+    a.close()                                   # out of order: b still holds the streams and keeps them
+    assert sys.stdout is b and sys.stderr is b
+    print('only b')
+    b.close()
+    assert sys.stdout is a and a.file is None   # b hands back what it found, a closed pass-through
+    print('after both')
+    sys.stdout, sys.stderr = outer_stdout, outer_stderr
+    assert (tmp_path / 'a.txt').read_text() == 'both\n'
+    assert (tmp_path / 'b.txt').read_text() == 'both\nonly b\n'
+    with util.Logger() as c:
+        assert c.write('') == 0 and c.write(b'xy') == 2
+    assert sys.stdout is outer_stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------------

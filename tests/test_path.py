@@ -64,10 +64,11 @@ def test_karras_grid_equals_network_levels_and_schedule_grid_is_uniform_in_t():
     assert torch.equal(lev.a, a.expand(2, -1)) and torch.equal(lev.b, b.expand(2, -1))
     assert torch.allclose(lev.sigma[:, :-1], edm_sigma_grid(6, 0.002, 80, 7)[None].expand(2, -1), rtol=1e-12)
     sch = path.grid(6, 'schedule', 0.002, 80)
-    steps = sch.t[:, :-1].diff(dim=1)
-    assert torch.allclose(steps, steps[:, :1].expand_as(steps), rtol=1e-9)       # uniform in t
-    assert torch.allclose(sch.sigma[:, [0, 5]], torch.tensor([[80.0, 0.002]], dtype=torch.float64).expand(2, -1),
-                          rtol=1e-9)
+    steps = sch.t.diff(dim=1)
+    assert torch.allclose(steps, steps[:, :1].expand_as(steps), rtol=1e-9)       # N uniform steps of t down to 0
+    assert torch.allclose(sch.t[:, 0], path.time(80.0), rtol=1e-12) and float(sch.t[0, -1]) == 0.0
+    assert torch.allclose(sch.sigma[:, 0], torch.full([2], 80.0, dtype=torch.float64), rtol=1e-9)
+    assert torch.allclose(sch.sigma[:, :-1], path.sigma_at_time(sch.t[:, :-1]), rtol=1e-12)
     assert torch.allclose(sch.a * sch.b, sch.sigma.square(), rtol=1e-10)
     assert float(sch.a[0, -1]) == float(sch.b[0, -1]) == 0.0
     assert bool((sch.sigma[:, 1:] < sch.sigma[:, :-1]).all())

@@ -173,3 +173,30 @@ def test_upstream_edm_pickle_loads_with_our_persistence(tmp_path, repo_root):
     ''')
     out = subprocess.run([sys.executable, '-c', use], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert float(out.stdout.strip()) == 0.0
+
+
+def test_wrapped_class_identity_and_recorded_arguments(scaler_module):
+    cls = scaler_module.Scaler
+    assert cls.__name__ == 'Scaler' and cls.__qualname__ == 'Scaler' and cls.__module__ == 'tmp_scaler_mod'
+    assert persistence.persistent_class(cls) is cls                      # decorating twice is a no-op
+    assert issubclass(cls, torch.nn.Module) and cls.__mro__[1].__name__ == 'Scaler'
+    assert cls._orig_module_src == MODULE_SRC and cls._orig_class_name == 'Scaler'
+    gains = [1.0, 2.0]
+    obj = cls(2, gain=gains)
+    gains.append(3.0)                                                    # recorded arguments are deep copies
+    assert obj.init_kwargs == {'gain': [1.0, 2.0]}
+    obj.init_kwargs['gain'].append(9.0)                                  # and so is what the properties hand out
+    assert obj.init_kwargs == {'gain': [1.0, 2.0]} and obj.init_args == (2,)
+    # Unpickling the same source twice defines the class once; a different source gets its own module.
+    again = pickle.loads(pickle.dumps(cls(2)))
+    assert type(again) is cls
+    _, (meta,) = cls(2).__reduce__()
+    meta['module_src'] = MODULE_SRC + '\n# another version\n'
+    other = persistence._reconstruct_persistent_obj(meta)
+    assert type(other) is not cls and type(other).__module__.startswith('_imported_module_')
+    assert type(persistence._reconstruct_persistent_obj(dict(meta))) is type(other)
+
+
+def test_persistent_class_refuses_non_classes():
+    with pytest.raises(TypeError):
+        persistence.persistent_class(lambda: None)

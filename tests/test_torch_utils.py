@@ -110,6 +110,20 @@ def test_infinite_sampler_ranks_partition_the_global_stream():
         assert part == whole[rank::replicas]
 
 
+def test_infinite_sampler_reproduces_edm_streams():
+    """tests/data/edm_sampler_streams.json holds the first 400 indices NVlabs/edm's own InfiniteSampler yields for each
+    configuration (seed, size, window, rank of num_replicas, shuffle): the same data order as EDM, hence the same runs
+    and exact resumes."""
+    import json
+    with open(os.path.join(os.path.dirname(__file__), 'data', 'edm_sampler_streams.json')) as f:
+        records = json.load(f)
+    assert len(records) >= 5
+    for rec in records:
+        config = dict(rec['config'])
+        n = config.pop('n')
+        assert _take(misc.InfiniteSampler(range(n), **config), len(rec['stream'])) == rec['stream'], rec['config']
+
+
 def test_infinite_sampler_works_in_dataloader_and_validates():
     data = torch.arange(10).float()
     loader = torch.utils.data.DataLoader(data, sampler=misc.InfiniteSampler(data, seed=0), batch_size=4)

@@ -7,7 +7,11 @@ port. Every helper here works whether or not a process group exists.
 
 from __future__ import annotations
 
+import datetime
 import os
+import sys
+import threading
+import time
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -18,15 +22,47 @@ from . import misc, training_stats
 _ENV_DEFAULTS = {'MASTER_ADDR': 'localhost', 'MASTER_PORT': '29500', 'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '1'}
 
 _device: Optional[torch.device] = None
+_watcher: Optional[threading.Thread] = None
 
 
-def init(device: Union[str, torch.device, None] = None) -> torch.device:
+def _set_watcher(thread: Optional[threading.Thread]) -> None:
+    global _watcher
+    _watcher = thread
+
+
+def watch_parent(poll_s: float = 1.0) -> Optional[threading.Thread]:
+    """Exit this process (status 1) soon after its parent dies; started by `init()` under torchrun.
+
+    A worker whose torchrun agent is killed (kill -9, a lost node) is re-parented, and until now trained on, or sat in
+    a collective forever, holding its GPU. A daemon thread polls the parent pid every `poll_s` seconds; when it has
+    changed, it prints one line and calls `os._exit(1)` (an atomic write in progress leaves only a temporary file,
+    which train.py removes at its next start). Returns the thread, or None when the parent is already init.
+    """
+    parent = os.getppid()
+    if parent <= 1:
+        return None
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f'rank {get_rank()}: the launching process (pid {parent}) is gone; exiting.', file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name='watch-parent', daemon=True)
+    thread.start()
+    return thread
+
+
+def init(device: Union[str, torch.device, None] = None, timeout: Optional[float] = None) -> torch.device:
     """Set up this process for (possibly) distributed work and return its device.
 
     `device` is resolved with `misc.pick_device` (None: CUDA if available, else CPU); on CUDA the index becomes
     LOCAL_RANK unless one was given. With WORLD_SIZE > 1 the default process group is created from the environment
-    (`env://`) with backend `gloo` (CPU) or `nccl` (CUDA). `training_stats` is told to reduce across ranks on this
-    device.
+    (`env://`) with backend `gloo` (CPU) or `nccl` (CUDA); `timeout` (seconds, None = torch's default) bounds every
+    collective, so that a frozen rank fails the others instead of hanging them. Under torchrun
+    (TORCHELASTIC_RUN_ID set) the process exits when the agent dies (`watch_parent`). `training_stats` is told to
+    reduce across ranks on this device.
     """
     global _device
     for key, value in _ENV_DEFAULTS.items():
@@ -45,7 +81,10 @@ def init(device: Union[str, torch.device, None] = None) -> torch.device:
         if not torch.distributed.is_available():
             raise ValueError(f'WORLD_SIZE={world_size} but this torch build has no torch.distributed support')
         backend = 'nccl' if dev.type == 'cuda' else 'gloo'
-        torch.distributed.init_process_group(backend=backend, init_method='env://')
+        extra = {} if timeout is None else dict(timeout=datetime.timedelta(seconds=float(timeout)))
+        torch.distributed.init_process_group(backend=backend, init_method='env://', **extra)
+    if 'TORCHELASTIC_RUN_ID' in os.environ and _watcher is None:
+        _set_watcher(watch_parent())
 
     training_stats.init_multiprocessing(rank=get_rank(), sync_device=dev if get_world_size() > 1 else None)
     return dev

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import re
 import warnings
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -136,46 +137,42 @@ class InfiniteSampler(torch.utils.data.Sampler):
     The global stream walks cyclically over an order that starts as a seeded permutation (`shuffle=True`) and keeps
     changing: after position i is visited, its entry is swapped with one at most `window_size * len(dataset)` places
     behind it. Rank r receives the global items r, r + num_replicas, ... so ranks never share a position and together
-    they consume the stream in order. Same seed, same stream; EDM's draw order is kept so data order matches EDM's.
-    Unlike EDM's, it does not pass the dataset to `Sampler.__init__`, which new torch rejects.
+    they consume the stream in order. Same seed, same stream; the draws are EDM's, so data order matches EDM's
+    (tests/data/edm_sampler_streams.json). Unlike EDM's, it does not pass the dataset to `Sampler.__init__`, which new
+    torch rejects.
     """
 
     def __init__(self, dataset: Any, rank: int = 0, num_replicas: int = 1, shuffle: bool = True, seed: int = 0,
                  window_size: float = 0.5) -> None:
-        if len(dataset) <= 0:
-            raise ValueError('InfiniteSampler: the dataset is empty')
-        if num_replicas <= 0:
-            raise ValueError(f'InfiniteSampler: num_replicas must be positive, got {num_replicas}')
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f'InfiniteSampler: rank must be in [0, {num_replicas}), got {rank}')
-        if not 0 <= window_size <= 1:
-            raise ValueError(f'InfiniteSampler: window_size must be in [0, 1], got {window_size}')
+        checks = ((len(dataset) > 0, 'the dataset is empty'),
+                  (num_replicas > 0, f'num_replicas must be positive, got {num_replicas}'),
+                  (0 <= rank < num_replicas, f'rank must be in [0, {num_replicas}), got {rank}'),
+                  (0 <= window_size <= 1, f'window_size must be in [0, 1], got {window_size}'))
+        failed = [message for ok, message in checks if not ok]
+        if failed:
+            raise ValueError('InfiniteSampler: ' + failed[0])
         super().__init__()
-        self.dataset = dataset
-        self.rank = rank
-        self.num_replicas = num_replicas
-        self.shuffle = shuffle
-        self.seed = seed
-        self.window_size = window_size
+        # EDM's attribute names (read by training code and by anything that inspects a DataLoader's sampler).
+        vars(self).update(dataset=dataset, rank=rank, num_replicas=num_replicas, shuffle=shuffle, seed=seed,
+                          window_size=window_size)
 
-    def __iter__(self) -> Iterator[int]:
+    def _global_stream(self) -> Iterator[int]:
+        """Every rank's items interleaved: position p of the order at step p mod n, then the swap of step p."""
         n = len(self.dataset)
         order = np.arange(n)
-        rng: Optional[np.random.RandomState] = None
-        window = 0
-        if self.shuffle:
-            rng = np.random.RandomState(self.seed)
-            rng.shuffle(order)
-            window = int(np.rint(n * self.window_size))
-        step = 0
-        while True:
-            pos = step % n
-            if step % self.num_replicas == self.rank:
-                yield int(order[pos])
-            if window >= 2:
-                other = (pos - rng.randint(window)) % n
-                order[pos], order[other] = order[other], order[pos]
-            step += 1
+        if not self.shuffle:
+            yield from itertools.cycle(range(n))
+        rng = np.random.RandomState(self.seed)
+        rng.shuffle(order)
+        window = int(np.rint(n * self.window_size))
+        for pos in itertools.cycle(range(n)):
+            yield int(order[pos])
+            if window >= 2:  # a window of 0 or 1 would only ever swap an entry with itself
+                behind = (pos - rng.randint(window)) % n
+                order[[pos, behind]] = order[[behind, pos]]
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(self._global_stream(), self.rank, None, self.num_replicas)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

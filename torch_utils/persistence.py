@@ -21,10 +21,59 @@ from typing import Any, Callable
 
 FORMAT_VERSION = 6  # EDM's loader accepts exactly this value.
 
-_module_src_by_module: dict[types.ModuleType, str] = {}   # module object -> its source text
-_module_by_src: dict[str, types.ModuleType] = {}          # source text -> module (exec'd or original)
+
+class _SourceTable:
+    """Two-way map between module objects and the source text they were built from.
+
+    A module imported the ordinary way is read with `inspect.getsource` once, on first use. A source text that arrives
+    inside a pickle and is not known yet is run in a fresh module named `_imported_module_<hex>`; the same text later
+    maps back to that module, so loading many pickles of one version defines its classes once.
+    """
+
+    def __init__(self) -> None:
+        self.text: dict[types.ModuleType, str] = {}
+        self.module: dict[str, types.ModuleType] = {}
+
+    def remember(self, module: types.ModuleType, text: str) -> None:
+        self.text[module] = text
+        self.module.setdefault(text, module)
+
+    def text_of(self, module: types.ModuleType) -> str:
+        if module not in self.text:
+            self.remember(module, inspect.getsource(module))
+        return self.text[module]
+
+    def module_for(self, text: str) -> types.ModuleType:
+        known = self.module.get(text)
+        if known is not None:
+            return known
+        fresh = types.ModuleType(f'_imported_module_{uuid.uuid4().hex}')
+        sys.modules[fresh.__name__] = fresh
+        self.remember(fresh, text)  # before running it: persistent_class() inside the text looks the module up
+        exec(compile(text, f'<persistent source {fresh.__name__}>', 'exec'), fresh.__dict__)  # noqa: S102
+        return fresh
+
+
+_sources = _SourceTable()
 _persistent_classes: set[type] = set()                     # every class produced by persistent_class
 _import_hooks: list[Callable[[Any], Any]] = []
+
+
+def _recorded_args(self) -> tuple:
+    return copy.deepcopy(self._init_args)
+
+
+def _recorded_kwargs(self) -> dict:
+    return copy.deepcopy(self._init_kwargs)
+
+
+def _persistent_reduce(self, protocol: Any = None) -> tuple:
+    """Pickle as `_reconstruct_persistent_obj(meta)`: the module's source, the class name and the instance state."""
+    getstate = getattr(self, '__getstate__', None)
+    state = (getstate() if callable(getstate) else self.__dict__) or {}
+    meta = dict(type='class', version=FORMAT_VERSION, module_src=self._orig_module_src,
+                class_name=self._orig_class_name, state=dict(state))
+    return _reconstruct_persistent_obj, (meta,)
 
 
 def persistent_class(orig_class: type) -> type:
@@ -37,43 +86,27 @@ def persistent_class(orig_class: type) -> type:
         raise TypeError('persistent_class() expects a class')
     if orig_class in _persistent_classes:
         return orig_class
-    module = sys.modules[orig_class.__module__]
-    module_src = _source_of_module(module)
 
-    class Persistent(orig_class):
-        _orig_module_src = module_src
-        _orig_class_name = orig_class.__name__
+    def __init__(self, *args, **kwargs):
+        super(wrapped, self).__init__(*args, **kwargs)
+        self._init_args = copy.deepcopy(args)
+        self._init_kwargs = copy.deepcopy(kwargs)
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._init_args = copy.deepcopy(args)
-            self._init_kwargs = copy.deepcopy(kwargs)
-
-        @property
-        def init_args(self) -> tuple:
-            return copy.deepcopy(self._init_args)
-
-        @property
-        def init_kwargs(self) -> dict:
-            return copy.deepcopy(self._init_kwargs)
-
-        def __reduce__(self):
-            getstate = getattr(self, '__getstate__', None)
-            state = getstate() if callable(getstate) else self.__dict__
-            state = {} if state is None else state
-            meta = dict(type='class', version=FORMAT_VERSION, module_src=self._orig_module_src,
-                        class_name=self._orig_class_name, state=dict(state))
-            return _reconstruct_persistent_obj, (meta,)
-
-        def __reduce_ex__(self, protocol):
-            return self.__reduce__()
-
-    Persistent.__name__ = orig_class.__name__
-    Persistent.__qualname__ = orig_class.__qualname__
-    Persistent.__module__ = orig_class.__module__
-    Persistent.__doc__ = orig_class.__doc__
-    _persistent_classes.add(Persistent)
-    return Persistent
+    namespace = {
+        '__init__': __init__,
+        '__module__': orig_class.__module__,
+        '__qualname__': orig_class.__qualname__,
+        '__doc__': orig_class.__doc__,
+        '__reduce__': _persistent_reduce,
+        '__reduce_ex__': _persistent_reduce,
+        'init_args': property(_recorded_args),
+        'init_kwargs': property(_recorded_kwargs),
+        '_orig_module_src': _sources.text_of(sys.modules[orig_class.__module__]),
+        '_orig_class_name': orig_class.__name__,
+    }
+    wrapped = type(orig_class)(orig_class.__name__, (orig_class,), namespace)
+    _persistent_classes.add(wrapped)
+    return wrapped
 
 
 def is_persistent(obj: Any) -> bool:
@@ -109,7 +142,7 @@ def _reconstruct_persistent_obj(meta: dict) -> Any:
         raise ValueError(f'unsupported persistent object version {meta.version!r} (expected {FORMAT_VERSION})')
     if meta.type != 'class':
         raise ValueError(f'unsupported persistent object type {meta.type!r}')
-    module = _module_from_source(meta.module_src)
+    module = _sources.module_for(meta.module_src)
     try:
         orig_class = module.__dict__[meta.class_name]
     except KeyError:
@@ -122,26 +155,3 @@ def _reconstruct_persistent_obj(meta: dict) -> Any:
     else:
         obj.__dict__.update(meta.state)
     return obj
-
-
-def _source_of_module(module: types.ModuleType) -> str:
-    src = _module_src_by_module.get(module)
-    if src is None:
-        src = inspect.getsource(module)
-        _module_src_by_module[module] = src
-        _module_by_src.setdefault(src, module)
-    return src
-
-
-def _module_from_source(src: str) -> types.ModuleType:
-    """The module for this exact source text: the already loaded one if any, else a fresh module running it."""
-    module = _module_by_src.get(src)
-    if module is None:
-        name = '_imported_module_' + uuid.uuid4().hex
-        module = types.ModuleType(name)
-        sys.modules[name] = module
-        # Register before running, so persistent_class() inside the source finds it.
-        _module_src_by_module[module] = src
-        _module_by_src[src] = module
-        exec(compile(src, f'<persistent source {name}>', 'exec'), module.__dict__)  # noqa: S102 (trusted pickles)
-    return module

@@ -4,8 +4,10 @@ Drop-in for EDM's ``training/networks.py`` (edm-interface.md §2.1-2.2): same co
 parameter and buffer names, and numerics, so an EDM state dict loads with ``strict=True`` and gives the same outputs.
 
 This file's text is embedded in every network pickle (torch_utils.persistence, edm-interface.md §4.1) and may be
-exec'd by a stock EDM checkout, so it imports only numpy, torch and torch_utils.
+exec'd by a stock EDM checkout, so besides the standard library it imports only numpy, torch and torch_utils.
 """
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -81,11 +83,8 @@ class Conv2d(torch.nn.Module):
         if up and down:
             raise ValueError('Conv2d: up and down cannot both be set')
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.up = up
-        self.down = down
-        self.fused_resample = fused_resample
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.up, self.down, self.fused_resample = up, down, fused_resample
         if kernel:
             fan = kernel * kernel
             self.weight, self.bias = _init_pair([out_channels, in_channels, kernel, kernel], bias, init_mode,
@@ -279,9 +278,119 @@ def _drop_labels(labels: torch.Tensor, p: float, batch: int) -> torch.Tensor:
     return labels * keep.to(labels.dtype)
 
 
-def _block_kind(key: str) -> str:
-    """'32x32_aux_down' -> 'aux_down', '16x16_block3' -> 'block3'."""
-    return key.split('_', 1)[1]
+# --------------------------------------------------------------------------------------------------------------------
+# The U-Net trunk, shared by both backbones.
+#
+# Each backbone keeps its modules in two ModuleDicts, `enc` and `dec`, keyed '<res>x<res>_<part>'
+# (edm-interface.md §2.2). `_trunk_plan` lists the trunk parts of every resolution level in registration order with
+# their channel counts; registration order is also the order in which initial values are drawn, so it is written down
+# once, here. The backbones turn the plan into modules (adding SongUNet's aux paths) and run it level by level.
+
+
+class _Part(NamedTuple):
+    """One trunk module: its key suffix ('conv', 'down', 'up', 'in0', 'in1', 'block<i>') and its channels."""
+    name: str
+    cin: int
+    cout: int
+    attention: bool = False
+
+
+class _Level(NamedTuple):
+    """One resolution level of the encoder or the decoder."""
+    tag: str        # '<res>x<res>'
+    index: int      # 0 = full resolution
+    parts: list     # [_Part, ...] in registration order
+
+
+def _trunk_plan(img_resolution: int, in_channels: int, stem_channels: int, widths: list, num_blocks: int,
+                attn_resolutions: list, decoder_attention_last_only: bool) -> tuple:
+    """(encoder levels, decoder levels) of the U-Net trunk.
+
+    Encoder level l works at img_resolution / 2^l: a 3x3 'conv' (in_channels -> stem_channels) at l = 0, a 'down'
+    block elsewhere, then num_blocks blocks 'block<i>' ending at widths[l] channels. The decoder goes from the lowest
+    level up: 'in0' (with attention) and 'in1' at the lowest level, an 'up' block elsewhere, then num_blocks + 1
+    blocks, each fed its input concatenated with the newest encoder output not used yet. Blocks at a resolution in
+    attn_resolutions get attention; in the decoder, with decoder_attention_last_only, only the level's last block.
+    """
+    encoder, decoder = [], []
+    ch = in_channels
+    for index, width in enumerate(widths):
+        res = img_resolution >> index
+        opening = _Part('conv', ch, stem_channels) if index == 0 else _Part('down', ch, ch)
+        parts, ch = [opening], opening.cout
+        for i in range(num_blocks):
+            parts.append(_Part(f'block{i}', ch, width, res in attn_resolutions))
+            ch = width
+        encoder.append(_Level(f'{res}x{res}', index, parts))
+
+    unused = [part.cout for level in encoder for part in level.parts]   # every encoder output feeds one decoder block
+    for index in range(len(widths) - 1, -1, -1):
+        res, width = img_resolution >> index, widths[index]
+        if index == len(widths) - 1:
+            parts = [_Part('in0', ch, ch, attention=True), _Part('in1', ch, ch)]
+        else:
+            parts = [_Part('up', ch, ch)]
+        for i in range(num_blocks + 1):
+            attend = res in attn_resolutions and (i == num_blocks or not decoder_attention_last_only)
+            parts.append(_Part(f'block{i}', ch + unused.pop(), width, attend))
+            ch = width
+        decoder.append(_Level(f'{res}x{res}', index, parts))
+    return encoder, decoder
+
+
+def _trunk_module(part: _Part, block_kwargs: dict, stem_init: dict) -> torch.nn.Module:
+    """The module for one planned part: the stem conv, or a UNetBlock (resampling for 'up' / 'down')."""
+    if part.name == 'conv':
+        return Conv2d(in_channels=part.cin, out_channels=part.cout, kernel=3, **stem_init)
+    resampling = {part.name: True} if part.name in ('up', 'down') else {}
+    return UNetBlock(in_channels=part.cin, out_channels=part.cout, attention=part.attention, **resampling,
+                     **block_kwargs)
+
+
+def _build_trunk(levels: list, block_kwargs: dict, stem_init: dict, extras=None) -> torch.nn.ModuleDict:
+    """Instantiate planned levels in order. `extras(level, part)` may return {part name: module} to register right
+    after `part` (part=None: at the end of the level)."""
+    modules = torch.nn.ModuleDict()
+    for level in levels:
+        for part in level.parts + [None]:
+            if part is not None:
+                modules[f'{level.tag}_{part.name}'] = _trunk_module(part, block_kwargs, stem_init)
+            for name, module in (extras(level, part) if extras else {}).items():
+                modules[f'{level.tag}_{name}'] = module
+    return modules
+
+
+def _by_level(modules: torch.nn.ModuleDict) -> list:
+    """The entries of `enc` or `dec` grouped by resolution, in order: [{part name: module}, ...]."""
+    levels: dict = {}
+    for key, module in modules.items():
+        tag, name = key.split('_', 1)
+        levels.setdefault(tag, {})[name] = module
+    return list(levels.values())
+
+
+def _open_level(parts: dict, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """An encoder level's first step: the stem conv (level 0) or the down block."""
+    return parts['conv'](x) if 'conv' in parts else parts['down'](x, emb)
+
+
+def _encoder_blocks(parts: dict, x: torch.Tensor, emb: torch.Tensor, skips: list) -> torch.Tensor:
+    """An encoder level's blocks, each output kept in `skips` for the decoder."""
+    for name, module in parts.items():
+        if name.startswith('block'):
+            x = module(x, emb)
+            skips.append(x)
+    return x
+
+
+def _decoder_trunk(parts: dict, x: torch.Tensor, emb: torch.Tensor, skips: list) -> torch.Tensor:
+    """A decoder level's trunk: in0/in1 or up on x, then every block on cat(x, newest skip); aux parts are skipped."""
+    for name, module in parts.items():
+        if name.startswith('block'):
+            x = module(torch.cat([x, skips.pop()], dim=1), emb)
+        elif not name.startswith('aux'):
+            x = module(x, emb)
+    return x
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -327,67 +436,57 @@ class SongUNet(torch.nn.Module):
                      resample_filter=resample_filter, resample_proj=True, adaptive_scale=False, init=xavier,
                      init_zero=xavier_tiny, init_attn=xavier_qkv)
 
-        # Mapping network.
-        if embedding_type == 'positional':
-            self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
-        else:
+        # Mapping network (registration order = EDM's draw order: noise, label, augment, layer0, layer1).
+        if embedding_type == 'fourier':
             self.map_noise = FourierEmbedding(num_channels=noise_channels)
+        else:
+            self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
         self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **xavier) if label_dim else None
         self.map_augment = (Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **xavier)
                             if augment_dim else None)
-        self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **xavier)
-        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **xavier)
+        self.map_layer0, self.map_layer1 = (Linear(in_features=fan_in, out_features=emb_channels, **xavier)
+                                            for fan_in in (noise_channels, emb_channels))
 
-        # Encoder: level 0 starts with a conv; lower levels start with a down block (plus aux paths).
-        self.enc = torch.nn.ModuleDict()
-        ch = in_channels
-        aux_ch = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            tag = f'{res}x{res}'
-            if level == 0:
-                self.enc[f'{tag}_conv'] = Conv2d(in_channels=ch, out_channels=model_channels, kernel=3, **xavier)
-                ch = model_channels
-            else:
-                self.enc[f'{tag}_down'] = UNetBlock(in_channels=ch, out_channels=ch, down=True, **block)
-                if encoder_type == 'skip':
-                    self.enc[f'{tag}_aux_down'] = Conv2d(in_channels=aux_ch, out_channels=aux_ch, kernel=0,
-                                                         down=True, resample_filter=resample_filter)
-                    self.enc[f'{tag}_aux_skip'] = Conv2d(in_channels=aux_ch, out_channels=ch, kernel=1, **xavier)
-                if encoder_type == 'residual':
-                    self.enc[f'{tag}_aux_residual'] = Conv2d(in_channels=aux_ch, out_channels=ch, kernel=3,
-                                                             down=True, resample_filter=resample_filter,
-                                                             fused_resample=True, **xavier)
-                    aux_ch = ch
-            for i in range(num_blocks):
-                self.enc[f'{tag}_block{i}'] = UNetBlock(in_channels=ch, out_channels=model_channels * mult,
-                                                        attention=(res in attn_resolutions), **block)
-                ch = model_channels * mult
-        skip_channels = [m.out_channels for key, m in self.enc.items() if not _block_kind(key).startswith('aux')]
+        encoder, decoder = _trunk_plan(img_resolution, in_channels, stem_channels=model_channels,
+                                       widths=[model_channels * m for m in channel_mult], num_blocks=num_blocks,
+                                       attn_resolutions=attn_resolutions, decoder_attention_last_only=True)
 
-        # Decoder: the lowest level starts with in0 (attention) + in1, the others with an up block.
-        self.dec = torch.nn.ModuleDict()
-        last = len(channel_mult) - 1
-        for level in range(last, -1, -1):
-            mult = channel_mult[level]
-            res = img_resolution >> level
-            tag = f'{res}x{res}'
-            if level == last:
-                self.dec[f'{tag}_in0'] = UNetBlock(in_channels=ch, out_channels=ch, attention=True, **block)
-                self.dec[f'{tag}_in1'] = UNetBlock(in_channels=ch, out_channels=ch, **block)
-            else:
-                self.dec[f'{tag}_up'] = UNetBlock(in_channels=ch, out_channels=ch, up=True, **block)
-            for i in range(num_blocks + 1):
-                attn = (i == num_blocks and res in attn_resolutions)
-                self.dec[f'{tag}_block{i}'] = UNetBlock(in_channels=ch + skip_channels.pop(),
-                                                        out_channels=model_channels * mult, attention=attn, **block)
-                ch = model_channels * mult
-            if decoder_type == 'skip' or level == 0:
-                if decoder_type == 'skip' and level < last:
-                    self.dec[f'{tag}_aux_up'] = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=0,
-                                                       up=True, resample_filter=resample_filter)
-                self.dec[f'{tag}_aux_norm'] = GroupNorm(num_channels=ch, eps=1e-6)
-                self.dec[f'{tag}_aux_conv'] = Conv2d(in_channels=ch, out_channels=out_channels, kernel=3, **xavier_tiny)
+        # Encoder aux path ('skip': downsampled input added after each down block; 'residual': a strided conv of the
+        # running aux signal, averaged in with sqrt(1/2)), registered right after the level's down block.
+        aux_channels = [in_channels]
+
+        def encoder_aux(level: _Level, part) -> dict:
+            if part is None or part.name != 'down' or encoder_type == 'standard':
+                return {}
+            if encoder_type == 'skip':
+                cin = aux_channels[0]
+                return dict(aux_down=Conv2d(in_channels=cin, out_channels=cin, kernel=0, down=True,
+                                            resample_filter=resample_filter),
+                            aux_skip=Conv2d(in_channels=cin, out_channels=part.cout, kernel=1, **xavier))
+            conv = Conv2d(in_channels=aux_channels[0], out_channels=part.cout, kernel=3, down=True,
+                          resample_filter=resample_filter, fused_resample=True, **xavier)
+            aux_channels[0] = part.cout
+            return dict(aux_residual=conv)
+
+        # Output heads (norm + conv to out_channels) at the end of a decoder level: every level with the 'skip'
+        # decoder, else only the last; a head above another first upsamples the running output.
+        heads = []
+
+        def decoder_heads(level: _Level, part) -> dict:
+            if part is not None or not (decoder_type == 'skip' or level.index == 0):
+                return {}
+            width = level.parts[-1].cout
+            head = {}
+            if heads:
+                head['aux_up'] = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=0, up=True,
+                                        resample_filter=resample_filter)
+            head['aux_norm'] = GroupNorm(num_channels=width, eps=1e-6)
+            head['aux_conv'] = Conv2d(in_channels=width, out_channels=out_channels, kernel=3, **xavier_tiny)
+            heads.append(level.tag)
+            return head
+
+        self.enc = _build_trunk(encoder, block, xavier, extras=encoder_aux)
+        self.dec = _build_trunk(decoder, block, xavier, extras=decoder_heads)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor = None,
                 augment_labels: torch.Tensor = None) -> torch.Tensor:
@@ -404,35 +503,23 @@ class SongUNet(torch.nn.Module):
 
         skips = []
         aux = x
-        for key, module in self.enc.items():
-            kind = _block_kind(key)
-            if kind == 'aux_down':
-                aux = module(aux)
-            elif kind == 'aux_skip':
-                x = x + module(aux)
-                skips[-1] = x
-            elif kind == 'aux_residual':
-                x = (x + module(aux)) / np.sqrt(2)
-                skips[-1] = aux = x
-            else:
-                x = module(x) if kind == 'conv' else module(x, emb)
-                skips.append(x)
+        for parts in _by_level(self.enc):
+            x = _open_level(parts, x, emb)
+            if 'aux_skip' in parts:
+                aux = parts['aux_down'](aux)
+                x = x + parts['aux_skip'](aux)
+            elif 'aux_residual' in parts:
+                aux = (x + parts['aux_residual'](aux)) / np.sqrt(2)
+                x = aux
+            skips.append(x)
+            x = _encoder_blocks(parts, x, emb, skips)
 
         out = None
-        normed = None
-        for key, module in self.dec.items():
-            kind = _block_kind(key)
-            if kind == 'aux_up':
-                out = module(out)
-            elif kind == 'aux_norm':
-                normed = module(x)
-            elif kind == 'aux_conv':
-                y = module(silu(normed))
-                out = y if out is None else y + out
-            else:
-                if x.shape[1] != module.in_channels:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = module(x, emb)
+        for parts in _by_level(self.dec):
+            x = _decoder_trunk(parts, x, emb, skips)
+            if 'aux_conv' in parts:
+                head = parts['aux_conv'](silu(parts['aux_norm'](x)))
+                out = head if out is None else parts['aux_up'](out) + head
         return out
 
 
@@ -454,58 +541,31 @@ class DhariwalUNet(torch.nn.Module):
         dropout: float = 0.10,               # Dropout inside the residual blocks.
         label_dropout: float = 0,            # Probability of dropping the class label (training only).
     ):
+        uniform = dict(init_mode='kaiming_uniform')
+        init = dict(uniform, init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))
+        init_zero = dict(uniform, init_weight=0, init_bias=0)
+        emb_channels = model_channels * channel_mult_emb
+        widths = [model_channels * m for m in channel_mult]
         super().__init__()
         self.label_dropout = label_dropout
-        emb_channels = model_channels * channel_mult_emb
-        init = dict(init_mode='kaiming_uniform', init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))
-        init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
-        block = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
 
-        # Mapping network.
+        # Mapping network (registration order = EDM's draw order: noise, augment, layer0, layer1, label).
         self.map_noise = PositionalEmbedding(num_channels=model_channels)
         self.map_augment = (Linear(in_features=augment_dim, out_features=model_channels, bias=False, **init_zero)
                             if augment_dim else None)
-        self.map_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **init)
-        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        self.map_layer0, self.map_layer1 = (Linear(in_features=fan_in, out_features=emb_channels, **init)
+                                            for fan_in in (model_channels, emb_channels))
         self.map_label = (Linear(in_features=label_dim, out_features=emb_channels, bias=False,
                                  init_mode='kaiming_normal', init_weight=np.sqrt(label_dim)) if label_dim else None)
 
-        # Encoder.
-        self.enc = torch.nn.ModuleDict()
-        ch = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            tag = f'{res}x{res}'
-            if level == 0:
-                self.enc[f'{tag}_conv'] = Conv2d(in_channels=ch, out_channels=model_channels * mult, kernel=3, **init)
-                ch = model_channels * mult
-            else:
-                self.enc[f'{tag}_down'] = UNetBlock(in_channels=ch, out_channels=ch, down=True, **block)
-            for i in range(num_blocks):
-                self.enc[f'{tag}_block{i}'] = UNetBlock(in_channels=ch, out_channels=model_channels * mult,
-                                                        attention=(res in attn_resolutions), **block)
-                ch = model_channels * mult
-        skip_channels = [m.out_channels for m in self.enc.values()]
-
-        # Decoder.
-        self.dec = torch.nn.ModuleDict()
-        last = len(channel_mult) - 1
-        for level in range(last, -1, -1):
-            mult = channel_mult[level]
-            res = img_resolution >> level
-            tag = f'{res}x{res}'
-            if level == last:
-                self.dec[f'{tag}_in0'] = UNetBlock(in_channels=ch, out_channels=ch, attention=True, **block)
-                self.dec[f'{tag}_in1'] = UNetBlock(in_channels=ch, out_channels=ch, **block)
-            else:
-                self.dec[f'{tag}_up'] = UNetBlock(in_channels=ch, out_channels=ch, up=True, **block)
-            for i in range(num_blocks + 1):
-                self.dec[f'{tag}_block{i}'] = UNetBlock(in_channels=ch + skip_channels.pop(),
-                                                        out_channels=model_channels * mult,
-                                                        attention=(res in attn_resolutions), **block)
-                ch = model_channels * mult
-        self.out_norm = GroupNorm(num_channels=ch)
-        self.out_conv = Conv2d(in_channels=ch, out_channels=out_channels, kernel=3, **init_zero)
+        encoder, decoder = _trunk_plan(img_resolution, in_channels, stem_channels=widths[0], widths=widths,
+                                       num_blocks=num_blocks, attn_resolutions=attn_resolutions,
+                                       decoder_attention_last_only=False)
+        block = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
+        self.enc = _build_trunk(encoder, block, init)
+        self.dec = _build_trunk(decoder, block, init)
+        self.out_norm = GroupNorm(num_channels=widths[0])
+        self.out_conv = Conv2d(in_channels=widths[0], out_channels=out_channels, kernel=3, **init_zero)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor = None,
                 augment_labels: torch.Tensor = None) -> torch.Tensor:
@@ -522,13 +582,12 @@ class DhariwalUNet(torch.nn.Module):
         emb = silu(emb)
 
         skips = []
-        for key, module in self.enc.items():
-            x = module(x) if _block_kind(key) == 'conv' else module(x, emb)
+        for parts in _by_level(self.enc):
+            x = _open_level(parts, x, emb)
             skips.append(x)
-        for module in self.dec.values():
-            if x.shape[1] != module.in_channels:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = module(x, emb)
+            x = _encoder_blocks(parts, x, emb, skips)
+        for parts in _by_level(self.dec):
+            x = _decoder_trunk(parts, x, emb, skips)
         return self.out_conv(silu(self.out_norm(x)))
 
 
@@ -617,12 +676,14 @@ class VPPrecond(_PrecondBase):
     def sigma(self, t):
         """sigma_VP(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
         t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
+        log_growth = 0.5 * self.beta_d * (t ** 2) + self.beta_min * t
+        return (log_growth.exp() - 1).sqrt()
 
     def sigma_inv(self, sigma):
         """t = (sqrt(beta_min^2 + 2 beta_d ln(1 + sigma^2)) - beta_min) / beta_d, the inverse of sigma(t)."""
         sigma = torch.as_tensor(sigma)
-        return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
+        discriminant = self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()
+        return (discriminant.sqrt() - self.beta_min) / self.beta_d
 
 
 @persistence.persistent_class

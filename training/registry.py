@@ -31,6 +31,7 @@ class SamplerEntry:
     options: list = dataclasses.field(default_factory=list)  # extra click.Option objects owned by this sampler
     check: Optional[Callable[[Any, Any], None]] = None       # check(net, opts): raise click.ClickException if unusable
     help: str = ''
+    min_steps: int = 1                          # smallest --steps it accepts (stated in generate.py --help)
 
 
 PRECONDS: dict[str, PrecondEntry] = {}

@@ -26,7 +26,8 @@ from torch_utils import misc, training_stats
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss was NaN or infinite in every iteration of a tick: training stops instead of writing garbage."""
+    """The loss (or the weights) became NaN or infinite during a tick: training stops before that tick writes
+    anything, and the message names the newest training state that is still good."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -89,6 +90,35 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float, raw_pref
 
 
 atomic_write = dnnlib.util.atomic_write   # re-exported: snapshots and states are written through it
+
+
+def write_file(path: str, write: Callable[[Any], None]) -> None:
+    """`atomic_write`, with the path in any OSError (disk full, read-only, permission denied) for a one-line error."""
+    try:
+        atomic_write(path, write)
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), path) from err
+
+
+# Keyword arguments of training_loop recorded in every training state (JSON-able): a resume reads the run's seed,
+# length and ramps from the state itself, not from a training_options.json that may not have travelled with it.
+RECORDED_KWARGS = ('dataset_kwargs', 'network_kwargs', 'loss_kwargs', 'optimizer_kwargs', 'augment_kwargs', 'seed',
+                   'batch_size', 'total_kimg', 'ema_halflife_kimg', 'ema_rampup_ratio', 'lr_rampup_kimg',
+                   'lr_decay_start_kimg', 'lr_halflife_kimg', 'loss_scaling', 'schedule_optimizer_kwargs')
+
+
+def _all_finite(modules: list[torch.nn.Module]) -> bool:
+    """Whether every parameter and buffer of the modules is finite on every rank (collective)."""
+    bad = torch.zeros([], device=dist.device() or 'cpu')
+    for module in modules:
+        for t in misc.params_and_buffers(module):
+            if t.is_floating_point():
+                bad = bad + (~torch.isfinite(t.detach())).sum().to(bad.device)
+    if dist.get_world_size() > 1:
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.SUM)
+    return bool(bad == 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -158,7 +188,7 @@ def _load_pickle(url: str) -> dict:
     return data
 
 
-def _transfer(src: torch.nn.Module, net: torch.nn.Module, ema: torch.nn.Module) -> None:
+def transfer_weights(src: torch.nn.Module, net: torch.nn.Module, ema: torch.nn.Module) -> None:
     """`--transfer`: the network's own `transfer_from(src)` if it has one, else EDM's name-matching copy."""
     if callable(getattr(net, 'transfer_from', None)):
         net.transfer_from(src)
@@ -181,7 +211,7 @@ def _save_snapshot(path: str, ema: torch.nn.Module, loss_fn: Any, augment_pipe: 
     data = {'ema': frozen_cpu_copy(ema), 'loss_fn': frozen_cpu_copy(loss_fn),
             'augment_pipe': frozen_cpu_copy(augment_pipe), 'dataset_kwargs': dict(dataset_kwargs)}
     if dist.get_rank() == 0:
-        atomic_write(path, lambda f: pickle.dump(data, f))
+        write_file(path, lambda f: pickle.dump(data, f))
 
 
 def _nonfinite_grad_count(params: list[torch.Tensor]) -> torch.Tensor:
@@ -223,7 +253,12 @@ def training_loop(
     schedule_optimizer_kwargs: Optional[dict] = None,  # second optimizer over net.schedule_parameters(), None = off
     device: Union[str, torch.device, None] = None,     # None: CUDA if available, else CPU
 ) -> None:
-    """Train a network (EDM's loop, edm-interface.md §2.6); writes snapshots, states, log lines and stats.jsonl."""
+    """Train a network (EDM's loop, edm-interface.md §2.6); writes snapshots, states, log lines and stats.jsonl.
+
+    A resume whose state has already reached `total_kimg` returns at once and writes nothing (a finished run stays
+    finished). A tick in which the loss or the weights become non-finite raises NonFiniteLossError before it writes.
+    """
+    record = {key: value for key, value in locals().items() if key in RECORDED_KWARGS}
     start_time = time.time()
     device = misc.pick_device(device)
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -290,7 +325,7 @@ def training_loop(
         dist.print0(f'Loading network weights from "{resume_pkl}"...')
         src = _load_pickle(resume_pkl)['ema']
         if state is None:
-            _transfer(src, net, ema)
+            transfer_weights(src, net, ema)
         else:
             misc.copy_params_and_buffers(src_module=src, dst_module=net, require_all=False)
             misc.copy_params_and_buffers(src_module=src, dst_module=ema, require_all=False)
@@ -313,6 +348,11 @@ def training_loop(
         if exact:
             _set_rng_state(state['rng_states'][rank], device)
         del state
+    if resume_state_dump and cur_nimg >= total_kimg * 1000:
+        dist.print0(f'Training already finished: "{resume_state_dump}" is at {cur_nimg / 1000:g} kimg of '
+                    f'{total_kimg:g}; nothing to do.')
+        return
+    last_good_state = resume_state_dump   # named by a NonFiniteLossError
 
     # Train.
     dist.print0(f'Training for {total_kimg} kimg...')
@@ -400,15 +440,20 @@ def training_loop(
             torch.cuda.reset_peak_memory_stats(device)
         dist.print0(' '.join(fields))
 
-        # A loss that stayed NaN/inf for the whole tick (on any rank) stops training before anything is saved.
+        # A non-finite loss in any iteration of the tick (on any rank), or non-finite weights, stop training before
+        # this tick writes anything.
         counts = torch.stack([tick_bad_iters, torch.tensor(float(tick_iters), device=device)])
         if world_size > 1:
             torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
-        if counts[1] > 0 and counts[0] >= counts[1]:
+        weights_ok = _all_finite([net, ema])
+        if counts[0] > 0 or not weights_ok:
+            what = (f'the loss was NaN or infinite in {int(counts[0])} of {int(counts[1])} iteration(s)'
+                    if counts[0] > 0 else 'the weights became NaN or infinite')
+            good = f'the last good training state is {last_good_state}' if last_good_state else \
+                'no training state was written yet'
             raise NonFiniteLossError(
-                f'the loss was NaN or infinite in all {int(counts[1])} iteration(s) of tick {cur_tick} '
-                f'(kimg {cur_nimg / 1e3:.3f}); stopping without saving. Resume from an earlier training state with '
-                f'a lower --lr, a different --ls, or --fp16=0.')
+                f'{what} of tick {cur_tick} (kimg {cur_nimg / 1e3:.3f}); stopped without saving this tick; {good}. '
+                f'Resume from it with a lower --lr, a different --ls, or --fp16=0.')
 
         if not done and dist.should_stop():
             done = True
@@ -430,8 +475,10 @@ def training_loop(
                     data['schedule_optimizer_state'] = optimizers[1][0].state_dict()
                 data.update(ema_state=ema.state_dict(), cur_nimg=cur_nimg, step=step, seed=seed,
                             world_size=world_size, batch_size=batch_size, data_position=data_position,
-                            rng_states=rng_states)
-                atomic_write(os.path.join(run_dir, f'training-state-{kimg_str}.pt'), lambda f: torch.save(data, f))
+                            rng_states=rng_states, training_options=copy.deepcopy(record))
+                state_path = os.path.join(run_dir, f'training-state-{kimg_str}.pt')
+                write_file(state_path, lambda f: torch.save(data, f))
+                last_good_state = state_path
                 del data
 
         # Logs.

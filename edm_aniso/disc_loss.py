@@ -1,0 +1,203 @@
+"""Discretisation-aware schedule objective: the trajectory (energy) objective plus the local error of one sampler step
+along the learned path (docs/discretisation-objective.md; train.py ``--objective=energy+disc``).
+
+With ``--grid=schedule`` the sampler takes K uniform steps of schedule time, t_i = T (1 - i/K), so a learned g (stage 1)
+is a learned time grid and a learned (g, h) (stage 2) a learned grid and split. The energy objective (method.md §5) is
+blind to that: it is the same whatever K. The term added here measures what the sampler does with the schedule:
+
+    L_disc = w_d K E_{x0, eps, K, j} || W_e (Phi_K(x_j) - Phi_ref(x_j)) ||^2
+
+- K uniform on {K1, ..., K2} (``--disc-steps``), j uniform on {0, ..., K-1}: the step t_j = T (1 - j/K) -> t_{j+1} of
+  the K-step schedule grid; x_j = x0 + M(t_j)^1/2 eps, a sample of the path's marginal there (live in theta).
+- Phi_K: one aniso_heun step (method.md §6) with levels a = sqrt(g(t)), b = sqrt(h(t)) at both ends, Euler on the
+  last step (j = K-1, to a = b = 0), as the sampler. Phi_ref: ``substeps`` steps of the same kind over the same
+  interval (a finer solve of the same network), the stand-in for the exact flow map.
+- W_e = sigma_data (M(t_{j+1}) + sigma_data^2)^-1/2: the error in data units. For data of variance
+  sigma_data^2 per direction the exact PF-ODE carries a perturbation at level M down to the data by this factor, so
+  W_e e is the error the step leaves in the output; at the last step W_e = 1.
+- K E_j[...] is the expected sum over the K steps of the squared local errors in data units.
+
+theta-gradient: autograd through the whole term (start point, levels, step sizes, the network's conditioning where
+the network lets theta reach it: stage-1 AnisoPrecond and the exact oracles; stage-2 AnisoPrecond detaches (g, h) in
+its conditioning, method.md §4); the energy term keeps its own estimator (edm_aniso.loss). ``detach_net``: the
+network weights phi get no gradient from the error term (they learn from the regression only, method.md §5).
+Per-sample sums spread over each sample's elements, as every loss here (method.md §8.4), so accumulation rounds and
+processes sum exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Iterator, Optional
+
+import torch
+
+import dnnlib
+from edm_aniso.loss import spread
+from torch_utils import persistence
+
+OBJECTIVES = ('energy', 'energy+disc')
+
+
+def parse_steps(text: Any) -> tuple[int, int]:
+    """``--disc-steps``: 'K' or 'K1-K2' (1 <= K1 <= K2) -> (K1, K2); an int or a pair passes through."""
+    if isinstance(text, (tuple, list)) and len(text) == 2:
+        lo, hi = int(text[0]), int(text[1])
+    elif isinstance(text, int):
+        lo = hi = int(text)
+    else:
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', str(text))
+        if m is None:
+            raise ValueError(f'disc steps must be K or K1-K2 (integers), got {text!r}')
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+    if not 1 <= lo <= hi:
+        raise ValueError(f'disc steps need 1 <= K1 <= K2, got {lo}-{hi}')
+    return lo, hi
+
+
+@contextlib.contextmanager
+def _frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Parameters that require grad are treated as constants inside the block (their requires_grad restored after)."""
+    live = [p for p in params if p.requires_grad]
+    for p in live:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in live:
+            p.requires_grad_(True)
+
+
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+@persistence.persistent_class
+class DiscTerm:
+    """The weighted local error of one sampler step along the learned path (module docstring), per sample [B]."""
+
+    def __init__(self, weight: float = 1.0, steps: Any = (5, 18), substeps: int = 4, detach_net: bool = True,
+                 sigma_data: Optional[float] = None) -> None:
+        if not weight >= 0 or substeps < 2 or not (sigma_data is None or sigma_data > 0):
+            raise ValueError(f'DiscTerm needs weight >= 0, substeps >= 2 and sigma_data > 0, got {weight}, '
+                             f'{substeps}, {sigma_data}')
+        self.weight = float(weight)
+        self.steps = parse_steps(steps)
+        self.substeps = int(substeps)
+        self.detach_net = bool(detach_net)
+        self.sigma_data = None if sigma_data is None else float(sigma_data)   # None: the network's (else 0.5)
+
+    def draw(self, batch: int, device: torch.device | str = 'cpu', generator: Optional[torch.Generator] = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, j) per sample: K uniform on {K1..K2}, j uniform on {0..K-1} (long tensors [B])."""
+        lo, hi = self.steps
+        k = torch.randint(lo, hi + 1, [batch], generator=generator, device=device)
+        j = (torch.rand([batch], generator=generator, device=device, dtype=torch.float64) * k).floor().long()
+        return k, j.clamp(max=k - 1)
+
+    # -- the step ------------------------------------------------------------------------------------------------------
+
+    def _levels(self, net: Any, t: torch.Tensor, labels: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) = (sqrt g(t), sqrt h(t)) per sample, live in theta; exactly 0 where t = 0 (the sampler's last level)."""
+        g, _, h, _ = net.schedules(t, labels)
+        end = t <= 0
+        safe = lambda v: torch.where(end, torch.ones_like(v), v).sqrt()   # noqa: E731 - no NaN gradient at 0
+        zero = torch.zeros_like(g)
+        return torch.where(end, zero, safe(g)), torch.where(end, zero, safe(h))
+
+    def _heun(self, flow: Any, apply: Any, x: torch.Tensor, start: tuple, end: tuple, last: torch.Tensor
+              ) -> torch.Tensor:
+        """One aniso_heun step from levels ``start`` = (a, b) to ``end``; Euler where ``last`` (end levels 0)."""
+        (a0, b0), (a1, b1) = start, end
+        f0 = flow(x, a0, b0)
+        x_euler = x - apply(f0, a1 - a0, b1 - b0)
+        # The corrector's network call needs positive levels: on last steps it is evaluated at the start levels and
+        # discarded (torch.where keeps its gradient out), as the sampler's final Euler step makes no second call.
+        a1s, b1s = torch.where(last, a0, a1), torch.where(last, b0, b1)
+        f1 = flow(x_euler, a1s, b1s)
+        x_heun = x - apply((f0 + f1) / 2, a1 - a0, b1 - b0)
+        return torch.where(_col(last, x), x_euler, x_heun)
+
+    def _apply_flow(self, net: Any, y: torch.Tensor, labels: Optional[torch.Tensor]) -> tuple[Any, Any]:
+        _, basis_id = net.rows_for(labels, y.shape[0])
+        apply = lambda v, a, b: net.subspace.apply(v, _to(a, v), _to(b, v), basis_id=basis_id)   # noqa: E731
+
+        def flow(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return net.flow(x, a.square(), b.square(), labels, basis_id=basis_id).to(x.dtype)
+        return apply, flow
+
+    def step_times(self, net: Any, k: torch.Tensor, j: torch.Tensor, like: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t_j, t_{j+1}, last) per sample on the K-step schedule grid t_i = T (1 - i/K) (``--grid=schedule``)."""
+        T = float(net.schedule_g.T)
+        kf = k.to(device=like.device, dtype=torch.float64)
+        jf = j.to(device=like.device, dtype=torch.float64)
+        t_s = (T * (1 - jf / kf)).to(like.dtype)
+        last = (j + 1 >= k).to(like.device)
+        t_e = torch.where(last, torch.zeros_like(t_s), (T * (1 - (jf + 1) / kf)).to(like.dtype))
+        return t_s, t_e, last
+
+    def step(self, net: Any, x: torch.Tensor, labels: Optional[torch.Tensor], k: torch.Tensor, j: torch.Tensor,
+             substeps: int = 1) -> torch.Tensor:
+        """Step j of the K-step schedule grid from x, in ``substeps`` uniform pieces of schedule time: 1 is the
+        sampler's own step (aniso_heun on --grid=schedule), more give the reference solve."""
+        apply, flow = self._apply_flow(net, x, labels)
+        t_s, t_e, last = self.step_times(net, k, j, x)
+        lev = self._levels(net, t_s, labels)
+        for i in range(1, substeps + 1):
+            t_i = t_e if i == substeps else t_s + (t_e - t_s) * (i / substeps)
+            nxt = self._levels(net, t_i, labels)
+            x = self._heun(flow, apply, x, lev, nxt, last if i == substeps else torch.zeros_like(last))
+            lev = nxt
+        return x
+
+    def compute(self, net: Any, y: torch.Tensor, labels: Optional[torch.Tensor], k: torch.Tensor, j: torch.Tensor,
+                eps: torch.Tensor) -> torch.Tensor:
+        """weight K ||W_e (Phi_K(x_j) - Phi_ref(x_j))||^2 per sample [B] for given draws K, j [B] and noise eps."""
+        apply, _ = self._apply_flow(net, y, labels)
+        t_s, t_e, _ = self.step_times(net, k, j, y)
+        params = list(net.network_parameters()) if (self.detach_net and hasattr(net, 'network_parameters')) else []
+        with _frozen(params):
+            x = y + apply(eps, *self._levels(net, t_s, labels))      # a sample of the marginal at t_j (live in theta)
+            err = self.step(net, x, labels, k, j) - self.step(net, x, labels, k, j, self.substeps)
+        a_e, b_e = self._levels(net, t_e, labels)
+        sd = self.sigma_data if self.sigma_data is not None else float(getattr(net, 'sigma_data', 0.5))
+        w_a = sd * (a_e.square() + sd * sd).rsqrt()
+        w_b = sd * (b_e.square() + sd * sd).rsqrt()
+        return self.weight * k.to(device=y.device, dtype=y.dtype) * apply(err, w_a, w_b).square().flatten(1).sum(1)
+
+
+def _to(v: Any, like: torch.Tensor) -> Any:
+    return v.to(like.dtype) if torch.is_tensor(v) else v
+
+
+@persistence.persistent_class
+class EnergyDiscLoss:
+    """``--objective=energy+disc``: the energy loss of the stage (AnisoStage1Loss or AnisoStage2Loss, unchanged,
+    with its estimator) plus ``DiscTerm`` spread over each sample's elements. With weight 0 the disc term is not
+    computed and nothing extra is drawn: the loss is the energy loss bit for bit (same random stream)."""
+
+    explicit_grad_sync = True   # both terms query the schedules outside forward (and stage 2 double-backwards)
+
+    def __init__(self, energy: dict, disc_weight: float = 1.0, disc_steps: Any = (5, 18), disc_substeps: int = 4,
+                 disc_detach_net: bool = True, sigma_data: Optional[float] = None) -> None:
+        self.energy = dnnlib.util.construct_class_by_name(**energy)
+        self.disc = DiscTerm(disc_weight, disc_steps, disc_substeps, disc_detach_net, sigma_data)
+
+    def begin_step(self, step_index: int) -> None:
+        if hasattr(self.energy, 'begin_step'):
+            self.energy.begin_step(step_index)
+
+    def __call__(self, net: Any, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                 augment_pipe: Any = None) -> torch.Tensor:
+        loss = self.energy(net, images, labels, augment_pipe)
+        if self.disc.weight == 0:
+            return loss
+        k, j = self.disc.draw(images.shape[0], images.device)
+        per_sample = self.disc.compute(net, images, labels, k, j, torch.randn_like(images))
+        return loss + spread(per_sample, loss)
+
+
+__all__ = ['OBJECTIVES', 'DiscTerm', 'EnergyDiscLoss', 'parse_steps']
