@@ -193,6 +193,37 @@ def eval_phase(workdir: str, results: dict, num_samples: int, nfes: tuple, rows:
         save(workdir, results)
 
 
+def band_errors(net, num: int = 256, steps: int = 18) -> tuple[np.ndarray, np.ndarray, list]:
+    """aniso_heun (EDM's Heun on an EDM network) from seeds 0..num-1: per step, the relative distance of the denoised
+    estimate D_i to the final sample, ||B(D_i - x_N)|| / ||B x_N|| averaged over samples, for B = the low 4x4 DCT block
+    (per channel) and for the rest. Also returns the first 4 samples' denoised estimates (strips)."""
+    import scipy.fft
+    from generate import StackedRandomGenerator
+    from training import registry
+    registry.load_plugins()
+    rnd = StackedRandomGenerator(torch.device('cpu'), list(range(num)))
+    latents = rnd.randn([num, net.img_channels, RES, RES])
+    frames = []
+    with torch.no_grad():
+        final = registry.SAMPLERS['aniso_heun'].sample(net, latents, None, randn_like=rnd.randn_like, num_steps=steps,
+                                                      callback=lambda d: frames.append(d['denoised'].clone()))
+    low = np.zeros([RES, RES], bool)
+    low[:RES // 2, :RES // 2] = True
+
+    def split(x):
+        c = scipy.fft.dctn(x.numpy(), axes=(-2, -1), norm='ortho')
+        return c[..., low].reshape(len(c), -1), c[..., ~low].reshape(len(c), -1)
+
+    fl, fh = split(final)
+    errs = []
+    for d in frames:
+        dl, dh = split(d)
+        errs.append([np.mean(np.linalg.norm(dl - fl, axis=1) / np.linalg.norm(fl, axis=1)),
+                     np.mean(np.linalg.norm(dh - fh, axis=1) / np.linalg.norm(fh, axis=1))])
+    strips = [torch.stack([f[k] for f in frames] + [final[k]]) for k in range(4)]
+    return np.array(errs)[:, 0], np.array(errs)[:, 1], strips
+
+
 def publish(workdir: str, results: dict) -> None:
     """Plots into bench/: pixel FD vs NFE, learned g/h, a sample grid."""
     import matplotlib
@@ -231,6 +262,34 @@ def publish(workdir: str, results: dict) -> None:
     gap = np.full([tiles[0].shape[0], 8, 3], 255, np.uint8)
     grid = np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1)
     PIL.Image.fromarray(grid).save(os.path.join(ROOT, 'bench', 'real_images_samples.png'))
+
+    # Low frequencies first: band errors of the denoised estimate per step, and trajectory strips (seeds 0-3).
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows_img, bands = [], {}
+    for model, style in (('edm', '--'), ('stage2', '-')):
+        lo, hi, strips = band_errors(load_net(last_snapshot(workdir, model)))
+        bands[model] = dict(low=lo.tolist(), high=hi.tolist())
+        steps = np.arange(1, len(lo) + 1)
+        ax.semilogy(steps, lo, style, color='C0', label=f'low 4x4 DCT block ({model})')
+        ax.semilogy(steps, hi, style, color='C3', label=f'rest ({model})')
+        for strip in strips:
+            pix = (strip * 127.5 + 128).clip(0, 255).to(torch.uint8)           # [S, C, H, W]
+            row = torch.cat(list(pix), dim=-1).permute(1, 2, 0).numpy()
+            rows_img.append(row.repeat(4, 0).repeat(4, 1))
+        rows_img.append(np.full([8, rows_img[-1].shape[1], 3], 255, np.uint8))
+    ax.set_xlabel('sampler step i (18 steps, aniso_heun)')
+    ax.set_ylabel('||B(D_i - x_N)|| / ||B x_N||')
+    ax.set_title('denoised estimate vs final sample, per DCT band')
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, 'bench', 'real_images_bands.png'), dpi=110)
+    plt.close(fig)
+    PIL.Image.fromarray(np.concatenate(rows_img[:-1], axis=0)).save(
+        os.path.join(ROOT, 'bench', 'real_images_trajectory.png'))
+    results['bands'] = bands
+    with open(os.path.join(workdir, 'bands.json'), 'w') as f:
+        json.dump(bands, f)
 
 
 @click.command()
