@@ -278,7 +278,6 @@ class AnisoPrecond(torch.nn.Module):
         zero = torch.zeros(batch, 1, dtype=torch.float64, device=a_p.device)
         return torch.cat([a_p[pos], zero], dim=1), torch.cat([b_p[pos], zero], dim=1)
 
-    @torch.no_grad()
     @staticmethod
     def transfer_note(network_kwargs: dict, src: Optional[torch.nn.Module]) -> Optional[str]:
         """train.py's preflight hook (docs/architecture.md): one warning line when a stage-2 run would not start from a
@@ -293,6 +292,7 @@ class AnisoPrecond(torch.nn.Module):
                     f'schedule); the method runs --stage=1 --transfer=EDM.pkl first')
         return None
 
+    @torch.no_grad()
     def transfer_from(self, src: torch.nn.Module) -> None:
         """Initialise from a network pickle's module (train.py --transfer).
 
