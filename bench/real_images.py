@@ -189,7 +189,10 @@ def eval_phase(workdir: str, results: dict, num_samples: int, nfes: tuple, rows:
                  '--method=both', '--batch=64', f'--outfile={out}', '--device=cpu'],
                 os.path.join(workdir, f'likelihood-{model}.log'))
         with open(out) as f:
-            results['bpd'][model] = dict(json.load(f).get('summary', {}), **t)
+            summary = json.load(f)
+        results['bpd'][model] = dict(num_images=summary['num_images'], cpu_seconds_per_image=summary.get(
+            'cpu_seconds_per_image'), **{k: {q: v for q, v in summary[k].items() if q != 'per_image_bpd'}
+                                         for k in ('ode', 'elbo') if k in summary}, **t)
         save(workdir, results)
 
 
@@ -222,6 +225,29 @@ def band_errors(net, num: int = 256, steps: int = 18) -> tuple[np.ndarray, np.nd
                      np.mean(np.linalg.norm(dh - fh, axis=1) / np.linalg.norm(fh, axis=1))])
     strips = [torch.stack([f[k] for f in frames] + [final[k]]) for k in range(4)]
     return np.array(errs)[:, 0], np.array(errs)[:, 1], strips
+
+
+def markdown(results: dict) -> str:
+    """The pixel-FD table (rows: sampler and model, columns: NFE) and the bits/dim table, as Markdown."""
+    nfes = sorted({r['nfe'] for r in results['fd']})
+    lines = ['| sampler (model) | ' + ' | '.join(f'NFE {n}' for n in nfes) + ' | CPU s per 10k samples at NFE 35 |',
+             '| --- |' + ' ---: |' * (len(nfes) + 1)]
+    for model, sampler in ROWS:
+        got = {r['nfe']: r for r in results['fd'] if (r['model'], r['sampler']) == (model, sampler)}
+        if not got:
+            continue
+        cells = [f'{got[n]["pixel_fd"]:.3f}' if n in got else '' for n in nfes]
+        cost = f'{got[35]["cpu_s"]:.0f}' if 35 in got else ''
+        lines.append(f'| {sampler} ({model}) | ' + ' | '.join(cells) + f' | {cost} |')
+    if results['bpd']:
+        lines += ['', '| model | ODE bits/dim | bound bits/dim | NFE per image (ODE) | images |',
+                  '| --- | ---: | ---: | ---: | ---: |']
+        for model, b in results['bpd'].items():
+            ode, elbo = b.get('ode', {}), b.get('elbo', {})
+            lines.append(f'| {model} | {ode.get("bits_per_dim", float("nan")):.3f} ± {ode.get("standard_error", 0):.3f} '
+                         f'| {elbo.get("bits_per_dim", float("nan")):.3f} ± {elbo.get("standard_error", 0):.3f} '
+                         f'| {ode.get("nfe_per_image", 0):.0f} | {b.get("num_images", "")} |')
+    return '\n'.join(lines)
 
 
 def publish(workdir: str, results: dict) -> None:
@@ -290,6 +316,9 @@ def publish(workdir: str, results: dict) -> None:
     results['bands'] = bands
     with open(os.path.join(workdir, 'bands.json'), 'w') as f:
         json.dump(bands, f)
+    with open(os.path.join(workdir, 'table.md'), 'w') as f:
+        f.write(markdown(results) + '\n')
+    print(markdown(results))
 
 
 @click.command()
