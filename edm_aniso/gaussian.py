@@ -477,7 +477,8 @@ def exact_end_ratio(variances: torch.Tensor, sigma_max: float = 80.0) -> torch.T
 # with block clock s_k (a on P, b on P_perp) and y = x - mu_k, linear plus independent Gaussian noise:
 #   churn          y <- y + S_noise sqrt(s_hat^2 - s^2) eps
 #   Heun s -> s'   y <- c y, c = 1 - (s - s')(k + k' e)/2, e = 1 - (s - s') k, k = s/(lambda + s^2)  (Euler: c = e)
-#   predictor      y <- ((lambda + s'^2)/(lambda + s^2)) y + sqrt(s^2 - s'^2) z      (last step: lambda/(lambda+s^2), no z)
+#   predictor      y <- ((lambda + s'^2)/(lambda + s^2)) y + sqrt(s^2 - s'^2) z
+#                  (the last step: y <- lambda/(lambda + s^2) y, no z)
 #   corrector      y <- (1 - eps/v) y + sqrt(2 eps) z,  v = lambda + s^2  (grad log p = -y/v)
 # so the output law is Gaussian, N(mu + m_y, diag var), propagated exactly here from x_0 = s_0 z. The corrector's step
 # eps is per block: score-SDE's rule eps = 2 snr^2 ||z_B||^2 / ||g_B||^2 is random per sample; the law uses its
