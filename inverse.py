@@ -40,7 +40,7 @@ from torch_utils import misc
 
 def load_mask(path: str, channels: int, resolution: int) -> torch.Tensor:
     """A binary mask PNG as [1 | C, H, W] bool (white = known, black = unknown): greyscale, or colour with equal
-    channels (one mask for all), or one mask per channel for a network with that many channels."""
+    channels (one mask for all), or one mask per channel for a network with that many channels; alpha is ignored."""
     try:
         with PIL.Image.open(path) as img:
             arr = np.array(img)
@@ -50,6 +50,8 @@ def load_mask(path: str, channels: int, resolution: int) -> torch.Tensor:
         arr = arr.astype(np.uint8) * 255
     if arr.ndim == 2:
         arr = arr[:, :, None]
+    if arr.shape[2] in (2, 4):                      # greyscale or RGB with alpha: the alpha channel is not the mask
+        arr = arr[:, :, :-1]
     if arr.shape[0] != resolution or arr.shape[1] != resolution:
         raise ValueError(f'--mask is {arr.shape[1]}x{arr.shape[0]} but the network makes {resolution}x{resolution} '
                          f'images')

@@ -241,6 +241,9 @@ def cli_files(tmp_path_factory):
     PIL.Image.fromarray(mask).save(root / 'mask.png')
     PIL.Image.fromarray(np.full((16, 16), 255, np.uint8)).save(root / 'mask16.png')
     PIL.Image.fromarray(np.full((RES, RES), 100, np.uint8)).save(root / 'grey-mask.png')
+    rgba = np.full((RES, RES, 4), 255, np.uint8)
+    rgba[2:6, 2:6, :3] = 0
+    PIL.Image.fromarray(rgba, 'RGBA').save(root / 'mask-rgba.png')
     return root
 
 
@@ -302,6 +305,15 @@ def test_cli_writes_results_strips_and_observations(cli_files, net, monkeypatch)
         assert strip.shape == (RES, 3 * RES + 2, 3)
         assert np.array_equal(strip[:, :RES], src) and np.array_equal(strip[:, -RES:], res)
     assert not any(f.endswith('.tmp') for f in names)
+
+
+def test_mask_png_forms(cli_files):
+    """Greyscale and RGBA (alpha ignored) masks read the same; white = known."""
+    import inverse
+    grey = inverse.load_mask(str(cli_files / 'mask.png'), 3, RES)
+    rgba = inverse.load_mask(str(cli_files / 'mask-rgba.png'), 3, RES)
+    assert grey.shape == rgba.shape == (1, RES, RES) and torch.equal(grey, rgba)
+    assert int(grey.sum()) == RES * RES - 16 and not bool(grey[0, 2:6, 2:6].any())
 
 
 def test_cli_superres_and_colorize_on_a_conditional_network(cli_files, monkeypatch):
