@@ -7,11 +7,12 @@ spectrum, DCT low-block split; 1x16x16 mixture of 8 Gaussians, FD of 1024 sample
 NFE 2N − 1 for N in {3, 4, 5, 6, 8, 10, 13, 18}. Rows:
 
 - EDM Heun: ``generate.edm_sampler`` (Karras ρ = 7).
+- Karras init (untrained), schedule grid: the Karras-initialised g on ``--grid=schedule``.
 - energy s1 / s2: the trajectory objective (``AnisoStage1Loss``; then ``AnisoStage2Loss`` with its θ-estimator), the
   exact denoiser standing in for the network; sampled with aniso_heun on ``--grid=karras`` and ``--grid=schedule``.
 - disc s1 / s2: ``--objective=energy+disc`` (``edm_aniso.disc_loss.EnergyDiscLoss``, weight 1, K in 3-18, 8 reference
-  substeps, denoiser metric, K-power 3), stage 1 from the Karras init, stage 2 from the disc stage-1 schedule; same two grids. One schedule per
-  row for every N. The mixture rows are trained on the mixture itself (its θ-estimator Hessian term is non-zero).
+  substeps, denoiser metric, K-power 3), stage 1 from the Karras init, stage 2 from the disc stage-1 schedule;
+  same two grids. One schedule per row for every N. The mixture rows are trained on the mixture itself (its θ-estimator Hessian term is non-zero).
 - Headroom (Gaussians only; exact FD of aniso_heun minimised per N by L-BFGS on log FD from several starts, the
   Karras levels and random perturbations of them, best kept):
   (a) best monotone split on the Karras grid: a_i b_i = σ_i², r_i = ln(a_i/σ_i), r_0 = 0,
@@ -260,7 +261,8 @@ def checks(rows: dict[str, list[float]], steps: list[int], row: str, iso_row: st
 @click.option('--json-out', help='Write every row as JSON here', metavar='PATH', type=str, default=None)
 @click.option('--train-steps', help='Adam steps per schedule training', metavar='INT', type=click.IntRange(min=1),
               default=400, show_default=True)
-@click.option('--batch', help='Training batch (divided by the channel count, at least 8)', metavar='INT', type=click.IntRange(min=1), default=32,
+@click.option('--batch', help='Training batch (divided by the channel count, at least 8)', metavar='INT',
+              type=click.IntRange(min=1), default=32,
               show_default=True)
 @click.option('--starts', help='L-BFGS starts per headroom row and N', metavar='INT', type=click.IntRange(min=1),
               default=6, show_default=True)

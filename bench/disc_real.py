@@ -45,6 +45,10 @@ def run(cmd: list[str], cwd: str) -> None:
         raise RuntimeError(f'{" ".join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}')
 
 
+def has_snapshot(folder: str) -> bool:
+    return os.path.isdir(folder) and any(f.startswith('network-snapshot-') for f in os.listdir(folder))
+
+
 def newest(folder: str) -> str:
     snaps = sorted(f for f in os.listdir(folder) if f.startswith('network-snapshot-') and f.endswith('.pkl'))
     return os.path.join(folder, snaps[-1])
@@ -59,9 +63,10 @@ def train_all(workdir: str, kimg: float, edm_kimg: float) -> tuple[str, dict[str
         run([os.path.join(ROOT, 'dataset_tool.py'), '--source=toy-images', f'--dest={data}'], workdir)
     train = os.path.join(ROOT, 'train.py')
     edm = os.path.join(workdir, 'edm')
-    if not os.path.isdir(edm):
+    if not has_snapshot(edm):
         t0 = time.time()
-        run([train, f'--outdir={edm}', '--nosubdir', f'--data={data}', *TOY, f'--duration={edm_kimg / 1000}', '--lr-rampup=0',
+        run([train, f'--outdir={edm}', '--nosubdir', f'--data={data}', *TOY, f'--duration={edm_kimg / 1000}',
+             '--lr-rampup=0',
              '--lr=2e-3', '--augment=0', '--dump=2'], workdir)
         log(f'EDM trained ({time.time() - t0:.0f} s wall)')
     common = [f'--data={data}', *TOY, f'--duration={kimg / 1000}', '--precond=aniso', '--schedule-lr=2e-2',
@@ -71,7 +76,7 @@ def train_all(workdir: str, kimg: float, edm_kimg: float) -> tuple[str, dict[str
         for stage in (1, 2):
             folder = os.path.join(workdir, f'{obj}-s{stage}')
             src = newest(edm) if stage == 1 else newest(os.path.join(workdir, f'{obj}-s1'))
-            if not os.path.isdir(folder):
+            if not has_snapshot(folder):
                 t0 = time.time()
                 run([train, f'--outdir={folder}', *common, f'--stage={stage}', f'--transfer={src}', *extra]
                     + (['--subspace=dct'] if stage == 2 else []), workdir)

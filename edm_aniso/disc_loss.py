@@ -5,17 +5,21 @@ With ``--grid=schedule`` the sampler takes K uniform steps of schedule time, t_i
 is a learned time grid and a learned (g, h) (stage 2) a learned grid and split. The energy objective (method.md §5) is
 blind to that: it is the same whatever K. The term added here measures what the sampler does with the schedule:
 
-    L_disc = w_d K E_{x0, eps, K, j} || W_e (Phi_K(x_j) - Phi_ref(x_j)) ||^2
+    L_disc = w_d E_{x0, eps, K, j} [ K (K/K1)^p ||Phi_K(x_j) - Phi_ref(x_j)||^2_W ]
 
 - K uniform on {K1, ..., K2} (``--disc-steps``), j uniform on {0, ..., K-1}: the step t_j = T (1 - j/K) -> t_{j+1} of
   the K-step schedule grid; x_j = x0 + M(t_j)^1/2 eps, a sample of the path's marginal there (live in theta).
 - Phi_K: one aniso_heun step (method.md §6) with levels a = sqrt(g(t)), b = sqrt(h(t)) at both ends, Euler on the
   last step (j = K-1, to a = b = 0), as the sampler. Phi_ref: ``substeps`` steps of the same kind over the same
   interval (a finer solve of the same network), the stand-in for the exact flow map.
-- W_e = sigma_data (M(t_{j+1}) + sigma_data^2)^-1/2: the error in data units. For data of variance
-  sigma_data^2 per direction the exact PF-ODE carries a perturbation at level M down to the data by this factor, so
-  W_e e is the error the step leaves in the output; at the last step W_e = 1.
-- K E_j[...] is the expected sum over the K steps of the squared local errors in data units.
+- ||e||^2_W, the error in data units (what the step leaves in the output), ``metric``:
+  'denoiser' (default): <e, D(Phi_K) - D(Phi_ref)> at the end level ~ e^T J_D e; for Gaussian data whose covariance
+  commutes with M this is exactly the squared error carried to the data by the PF-ODE (J_D = Lambda (Lambda + M)^-1);
+  ||e||^2 on the last step (end level 0).
+  'data': ||W_e e||^2, W_e = sigma_data (M(t_{j+1}) + sigma_data^2)^-1/2, the same for data of variance sigma_data^2
+  in every direction.
+- K E_j[...] is the expected sum over the K steps of the squared local errors; (K/K1)^p (``k_power``, default 3)
+  balances a range of K (the Heun term falls as K^-5).
 
 theta-gradient: autograd through the whole term (start point, levels, step sizes, the network's conditioning where
 the network lets theta reach it: stage-1 AnisoPrecond and the exact oracles; stage-2 AnisoPrecond detaches (g, h) in
