@@ -213,7 +213,7 @@ def _writable(folder: str) -> bool:
 @click.option('--steps', 'num_steps', help='Number of noise levels', metavar='INT', type=click.IntRange(min=1),
               default=18, show_default=True)
 @click.option('--predictor', help='Step between levels: reverse SDE (NFE N) or Heun (NFE 2N-1)',
-              type=click.Choice(['sde', 'heun']), default='sde', show_default=True)
+              type=click.Choice(['sde', 'heun']), default='heun', show_default=True)
 @click.option('--corrector-steps', 'corrector_steps', help='Langevin corrector steps at each level',
               metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--snr', help='Corrector signal-to-noise ratio  [default: 0.16 with --corrector-steps]',
