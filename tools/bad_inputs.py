@@ -388,7 +388,8 @@ def write_table(rows: list[dict], scan: Optional[dict], path: Optional[str]) -> 
             f'({scan["zip_mb"]:.0f} MiB, as dataset_tool.py writes them): **{scan["cpu_s"]:.1f} s** process CPU time, '
             f'{scan["wall_s"]:.1f} s wall (median of {scan["repeats"]}: '
             f'{", ".join(f"{v:.1f}" for v in scan["cpu_all"])} s CPU), on the shared 2-core CPU machine. '
-            f'Measured with `python tools/bad_inputs.py --scan-images={scan["num"]} --only=none`.',
+            f'Measured by the run that wrote this page (`python tools/bad_inputs.py --scan-images={scan["num"]}`), '
+            f'under the CPU lock.',
             '',
         ]
     head += ['## The table', '', '| # | tool | bad input | exit | one-line error (last line) | written | pass |',

@@ -134,6 +134,9 @@ def _image_header(source: _Source, name: str) -> tuple[int, int, str]:
                 size, mode, fmt = im.size, im.mode, im.format
                 if fmt == 'PNG':
                     im.verify()
+    except PIL.UnidentifiedImageError:
+        raise click.ClickException(f'--data: cannot read image {source.where(name)} (not a recognised image file: '
+                                   f'corrupt, truncated or misnamed)')
     except (OSError, SyntaxError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise click.ClickException(f'--data: cannot read image {source.where(name)} ({_first_line(err)})')
     return size[0], size[1], mode
