@@ -339,7 +339,7 @@ def pc(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = N
 
 def _edm_churn_options() -> list[click.Option]:
     """EDM's --S_churn/--S_min/--S_max/--S_noise: the very click.Option objects of generate.py's ``edm`` entry when it
-    is registered (so --help lists them once, under edm|aniso_sde), else equal ones (same names, types, defaults)."""
+    is registered (so --help lists them once, under aniso_sde|edm), else equal ones (same names, types, defaults)."""
     edm = _registry.SAMPLERS.get('edm') if _registry is not None else None
     own = {o.name: o for o in (edm.options if edm is not None else [])}
 

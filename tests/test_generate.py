@@ -282,7 +282,7 @@ def test_cli_ablation_options_select_ablation_sampler(tmp_path, net_pkl, monkeyp
     (['--sigma_min=5', '--sigma_max=1'], 'sigma_min must be below sigma_max'),
     (['--sigma_min=100'], 'sigma_min must be below sigma_max'),
     (['--class=0'], 'unconditional'),
-    (['--sampler=probe', '--S_churn=1'], '--S_churn applies only to --sampler=edm'),
+    (['--sampler=probe', '--S_churn=1'], '--S_churn applies only to --sampler=aniso_sde|edm'),
     (['--probe-level=1'], '--probe-level applies only to --sampler=probe'),
 ])
 def test_cli_bad_options(tmp_path, net_pkl, probe_sampler, args, message):
@@ -319,7 +319,7 @@ def test_help_lists_sampler_options():
                     '--rho', '--S_churn', '--S_min', '--S_max', '--S_noise', '--solver', '--disc', '--schedule',
                     '--scaling', '--device', '--sampler'):
         assert spelled in res.output
-    assert 'Options of --sampler=edm' in res.output
+    assert 'Options of --sampler=aniso_sde|edm' in res.output
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -323,7 +323,7 @@ def cli(args):
     (['--sampler=edm', '--snr=0.1'], '--snr applies only to --sampler=pc'),
     (['--sampler=aniso_heun', '--corrector-steps=2'], '--corrector-steps applies only to --sampler=pc'),
     (['--sampler=aniso_sde', '--corrector-steps=2'], '--corrector-steps applies only to --sampler=pc'),
-    (['--sampler=pc', '--S_churn=1'], '--S_churn applies only to --sampler=edm|aniso_sde'),
+    (['--sampler=pc', '--S_churn=1'], '--S_churn applies only to --sampler=aniso_sde|edm'),
     (['--sampler=pc', '--snr=0'], "Invalid value for '--snr'"),
     (['--sampler=pc', '--corrector-steps=-1'], "Invalid value for '--corrector-steps'"),
     (['--sampler=aniso_sde', '--S_churn=-1'], "Invalid value for '--S_churn'"),
@@ -348,7 +348,7 @@ def test_cli_writes_images_and_lists_options(tmp_path, net_pkl):
         assert res.exit_code == 0, res.output
         assert sorted(os.listdir(out)) == ['000000.png', '000001.png']
     res = cli(['--help'])
-    assert 'Options of --sampler=edm|aniso_sde' in res.output and 'Options of --sampler=pc' in res.output
+    assert 'Options of --sampler=aniso_sde|edm' in res.output and 'Options of --sampler=pc' in res.output
     assert res.output.count('--S_churn') == 1 and '--corrector-steps' in res.output and '--snr' in res.output
 
 

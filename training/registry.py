@@ -63,14 +63,15 @@ def load_plugins() -> None:
 
 def option_owners(entries: dict) -> dict[str, tuple[str, str]]:
     """Map each plugin option's parameter name to (its owners' names joined by '|', the option as spelled on the
-    command line). Several entries may share one option (the same click.Option object, or one of the same name)."""
+    command line). Several entries may share one option (the same click.Option object, or one of the same name);
+    owners are listed in alphabetical order, so the text does not depend on which module registered first."""
     owners: dict[str, tuple[list, str]] = {}
     for entry in entries.values():
         for opt in entry.options:
             names, spelled = owners.setdefault(opt.name, ([], opt.opts[0]))
             if entry.name not in names:
                 names.append(entry.name)
-    return {name: ('|'.join(names), spelled) for name, (names, spelled) in owners.items()}
+    return {name: ('|'.join(sorted(names)), spelled) for name, (names, spelled) in owners.items()}
 
 
 def check_foreign_options(entries: dict, selected: str, opts: dict, flag: str) -> None:
