@@ -49,8 +49,10 @@ OPTIONS = [
                  metavar='FLOAT', type=click.FloatRange(min=0, min_open=True)),
     click.Option(['--probes'], help='Hutchinson probes per sample (stage 2)  [default: 1]', metavar='INT',
                  type=click.IntRange(min=1)),
-    click.Option(['--estimator-every'], help='Run the theta estimator every N-th step (stage 2)  [default: 1]',
-                 metavar='INT', type=click.IntRange(min=1)),
+    click.Option(['--estimator-every'], help='Run the theta estimator every N-th step, scaled by N (stage 2)  '
+                 '[default: 1]', metavar='INT', type=click.IntRange(min=1)),
+    click.Option(['--hvp'], help='Hessian-vector product of the estimator: fd = finite difference of the VJP, '
+                 'autograd = double backward (stage 2)  [default: fd]', type=click.Choice(['fd', 'autograd'])),
     click.Option(['--objective'], help='Schedule objective: energy = the trajectory objective (method.md §5); '
                  'energy+disc adds the local error of one sampler step on the --grid=schedule grid '
                  '(docs/discretisation-objective.md)  [default: energy]', type=click.Choice(['energy', 'energy+disc'])),
@@ -176,7 +178,8 @@ def configure(c: Any, opts: Any) -> None:
     subspace = opts.get('subspace') or ('iso' if stage == 1 else 'dct')
     if stage == 1 and subspace != 'iso':
         raise click.ClickException('--subspace applies only to --stage=2 (stage 1 is isotropic)')
-    for name, flag in [('kappa', '--kappa'), ('probes', '--probes'), ('estimator_every', '--estimator-every')]:
+    for name, flag in [('kappa', '--kappa'), ('probes', '--probes'), ('estimator_every', '--estimator-every'),
+                       ('hvp', '--hvp')]:
         if stage == 1 and opts.get(name) is not None:
             raise click.ClickException(f'{flag} applies only to --stage=2')
     if subspace != 'dct' and opts.get('dct_cutoff') is not None:
@@ -224,6 +227,8 @@ def configure(c: Any, opts: Any) -> None:
         c.loss_kwargs = dnnlib.EasyDict(class_name='edm_aniso.loss.AnisoStage2Loss', kappa=kappa,
                                         probes=opts.get('probes') or 1,
                                         estimator_every=opts.get('estimator_every') or 1)
+        if opts.get('hvp') is not None:                        # else the loss's default (fd)
+            c.loss_kwargs.hvp = opts.hvp
     c.loss_kwargs = objective_loss_kwargs(c.loss_kwargs, opts)
 
     # Optimizers: phi keeps the base Adam (fine-tuning LR unless --lr), theta gets its own.
