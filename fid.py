@@ -390,7 +390,7 @@ def main() -> None:
 
     \b
     # No detector at all, small images: the pixel FD (Frechet distance of the pixels in [-1, 1]; not FID). Needs at
-    # least 10 images per pixel value (C*H*W), e.g. 10000 images for 16x16 grey or 8x8 RGB and more for 16x16 RGB
+    # least 10 images per pixel value (C*H*W): 1920 for 8x8 RGB, 2560 for 16x16 grey, 7680 for 16x16 RGB
     python fid.py ref --data=datasets/patches-8x8.zip --dest=fid-refs/patches-8x8-pixels.npz --detector=pixels
     python fid.py calc --images=out --ref=fid-refs/patches-8x8-pixels.npz --num=10000 --detector=pixels
     """

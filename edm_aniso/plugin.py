@@ -62,6 +62,11 @@ OPTIONS = [
                  metavar='K|K1-K2', type=str),
     click.Option(['--disc-substeps'], help='Heun substeps of the reference solve of each step  [default: 4]',
                  metavar='INT', type=click.IntRange(min=2)),
+    click.Option(['--disc-metric'], help='Units of the step error: denoiser = e^T J_D e (the error propagated to the '
+                 'data), data = sigma_data (M + sigma_data^2)^-1/2 e  [default: denoiser]',
+                 type=click.Choice(['denoiser', 'data'])),
+    click.Option(['--disc-k-power'], help='Extra weight (K/K1)^p over a --disc-steps range  [default: 3]',
+                 metavar='FLOAT', type=click.FloatRange(min=0)),
     click.Option(['--disc-detach-net'], help='Network weights get no gradient from the discretisation term  '
                  '[default: True]', metavar='BOOL', type=bool),
     click.Option(['--preset'], help='Hyper-parameter preset (reference: the method\'s published settings)',
@@ -139,7 +144,8 @@ def _pca_bases_path(c: Any, opts: Any, rank: Optional[int]) -> str:
 
 
 DISC_OPTIONS = [('disc_weight', '--disc-weight'), ('disc_steps', '--disc-steps'), ('disc_substeps', '--disc-substeps'),
-                ('disc_detach_net', '--disc-detach-net')]
+                ('disc_detach_net', '--disc-detach-net'), ('disc_metric', '--disc-metric'),
+                ('disc_k_power', '--disc-k-power')]
 
 
 def objective_loss_kwargs(energy: Any, opts: Any) -> Any:
@@ -161,7 +167,9 @@ def objective_loss_kwargs(energy: Any, opts: Any) -> Any:
     return dnnlib.EasyDict(class_name='edm_aniso.disc_loss.EnergyDiscLoss', energy=dict(energy),
                            disc_weight=1.0 if weight is None else float(weight), disc_steps=list(steps),
                            disc_substeps=opts.get('disc_substeps') or 4,
-                           disc_detach_net=True if detach is None else bool(detach))
+                           disc_detach_net=True if detach is None else bool(detach),
+                           disc_metric=opts.get('disc_metric') or 'denoiser',
+                           disc_k_power=3.0 if opts.get('disc_k_power') is None else float(opts.disc_k_power))
 
 
 def configure(c: Any, opts: Any) -> None:
