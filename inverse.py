@@ -40,7 +40,7 @@ from torch_utils import misc
 
 def load_mask(path: str, channels: int, resolution: int) -> torch.Tensor:
     """A binary mask PNG as [1 | C, H, W] bool (white = known, black = unknown): greyscale, or colour with equal
-    channels (one mask for all), or one mask per channel for a network with that many channels."""
+    channels (one mask for all), or one mask per channel for a network with that many channels; alpha is ignored."""
     try:
         with PIL.Image.open(path) as img:
             arr = np.array(img)
@@ -50,6 +50,8 @@ def load_mask(path: str, channels: int, resolution: int) -> torch.Tensor:
         arr = arr.astype(np.uint8) * 255
     if arr.ndim == 2:
         arr = arr[:, :, None]
+    if arr.shape[2] in (2, 4):                      # greyscale or RGB with alpha: the alpha channel is not the mask
+        arr = arr[:, :, :-1]
     if arr.shape[0] != resolution or arr.shape[1] != resolution:
         raise ValueError(f'--mask is {arr.shape[1]}x{arr.shape[0]} but the network makes {resolution}x{resolution} '
                          f'images')
@@ -213,7 +215,7 @@ def _writable(folder: str) -> bool:
 @click.option('--steps', 'num_steps', help='Number of noise levels', metavar='INT', type=click.IntRange(min=1),
               default=18, show_default=True)
 @click.option('--predictor', help='Step between levels: reverse SDE (NFE N) or Heun (NFE 2N-1)',
-              type=click.Choice(['sde', 'heun']), default='sde', show_default=True)
+              type=click.Choice(['sde', 'heun']), default='heun', show_default=True)
 @click.option('--corrector-steps', 'corrector_steps', help='Langevin corrector steps at each level',
               metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--snr', help='Corrector signal-to-noise ratio  [default: 0.16 with --corrector-steps]',

@@ -121,7 +121,8 @@ def compute_likelihood(
             record.update(ode_nats=res.nll.tolist(), ode_bpd=L.bits_per_dim(res.nll, d).tolist(),
                           ode_nfe=res.nfe.tolist())
         if method in ('elbo', 'both'):
-            off = torch.stack([torch.rand([], generator=g, dtype=torch.float64) for g in gens]).to(device)
+            off = torch.stack([torch.rand([samples // 2], generator=g, dtype=torch.float64) for g in gens],
+                              dim=1).to(device)
             eps = torch.stack([torch.randn((samples // 2, *shape), generator=g, dtype=torch.float64) for g in gens],
                               dim=1).to(device)
             res = L.elbo_nll(net, x, labels, samples=samples, offsets=off, noise=eps, sigma_min=sigma_min,

@@ -147,7 +147,7 @@ def inspect_state(state: dict, path: str) -> ResumeRecord:
                         options=options, source=source)
 
 
-def start_from(opts: dnnlib.EasyDict, c: dnnlib.EasyDict, device: torch.device) -> Optional[ResumeRecord]:
+def start_from(opts: dnnlib.EasyDict, c: dnnlib.EasyDict) -> Optional[ResumeRecord]:
     """Set the resume/transfer keys of the config (before the recipe configures it); returns the resume record."""
     if opts.transfer is not None and opts.resume is not None:
         raise click.ClickException('--transfer and --resume cannot be used together')
@@ -170,9 +170,6 @@ def start_from(opts: dnnlib.EasyDict, c: dnnlib.EasyDict, device: torch.device) 
     for key in ('total_kimg', 'seed'):
         if key in resumed.options and not _given(CONTINUED[key]):
             c[key] = resumed.options[key]
-    if 'seed' not in resumed.options and opts.seed is None:
-        dist.print0(f'Note: {opts.resume} records no seed; the resumed run draws a new one ({c.seed}), so its data '
-                    f'order differs from the original run\'s.')
     return resumed
 
 
@@ -198,7 +195,20 @@ def check_start(opts: dnnlib.EasyDict, c: dnnlib.EasyDict, summary: preflight.Da
                 preflight.check_resume(_load_state(opts.resume), opts.resume, c, summary, label_dim)
             finally:
                 _state_cache.clear()
+            if c.get('resume_pkl') is not None:   # an EDM state: the EMA comes from the snapshot beside it
+                try:
+                    preflight.read_network_pickle(c.resume_pkl, verbose=False)
+                except ValueError as err:
+                    raise click.ClickException(f'--resume: {err} (the EMA weights of this EDM-style state)')
         preflight.on_rank0(check)
+        dist.print0(f'Resuming from {opts.resume} at {resumed.cur_nimg / 1000:g} kimg (run options from '
+                    f'{resumed.source}).')
+        if 'seed' not in resumed.options and opts.seed is None:
+            dist.print0(f'Note: {opts.resume} records no seed; the resumed run draws a new one ({c.seed}), so its '
+                        f'data order differs from the original run\'s.')
+        elif 'seed' in resumed.options and c.seed != resumed.options['seed']:
+            dist.print0(f'Note: --seed={c.seed} differs from the seed of the resumed run ({resumed.options["seed"]}); '
+                        f'the data order will differ from the original run\'s.')
         return
 
     def check() -> Optional[str]:
@@ -236,6 +246,8 @@ def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.Ea
 
     # Dataset: every image header and dataset.json first, then explicit resolution and size.
     summary = preflight.on_rank0(lambda: preflight.scan_dataset(opts.data))
+    if summary.num_images >= 10000:
+        dist.print0(f'Checked {summary.num_images} images and dataset.json in {summary.seconds:.1f} s.')
     try:
         dataset_obj = dnnlib.util.construct_class_by_name(**c.dataset_kwargs)
     except (IOError, ValueError) as err:
@@ -275,7 +287,7 @@ def build_config(opts: dnnlib.EasyDict, device: torch.device) -> tuple[dnnlib.Ea
         state_dump_ticks=opts.dump,
     )
     c.seed = opts.seed if opts.seed is not None else _random_seed(device)
-    resumed = start_from(opts, c, device)
+    resumed = start_from(opts, c)
 
     # Our additions (EDM fixes these): LR ramp and decay, EMA ramp. Absent = EDM's values (or the recipe's).
     if opts.get('lr_rampup') is not None:
@@ -463,7 +475,8 @@ def run(opts: dnnlib.EasyDict) -> None:
     logger = None
     try:
         if dist.get_rank() == 0:
-            for folder in {c.run_dir} | ({os.path.dirname(os.path.abspath(opts.resume))} if opts.resume else set()):
+            folders = {c.run_dir, opts.outdir} | ({os.path.dirname(opts.resume) or '.'} if opts.resume else set())
+            for folder in sorted(folders):
                 removed = preflight.remove_stale_temps(folder)
                 if removed:
                     dist.print0(f'Removed {len(removed)} temporary file(s) left by an interrupted run in {folder}')
@@ -477,6 +490,13 @@ def run(opts: dnnlib.EasyDict) -> None:
     except OSError as err:
         where = f'{err.filename}: ' if err.filename else ''
         raise click.ClickException(f'cannot write {where}{err.strerror or err}; files written before are intact')
+    except RuntimeError as err:
+        backend_error = getattr(torch.distributed, 'DistBackendError', ())
+        if not (isinstance(err, backend_error) or 'timed out' in str(err).lower()):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise click.ClickException(f'rank {dist.get_rank()}: a collective failed or timed out (another rank froze or '
+                                   f'died; --pg-timeout sets the limit): {first}')
     finally:
         if logger is not None:
             logger.close()

@@ -58,7 +58,7 @@ def exact_gaussian_rows(num: int) -> list[list[str]]:
         closed = G.gaussian_elbo(lam, x, noise_per_coefficient(net, x, 0.002, mask),
                                  noise_per_coefficient(net, x, 80.0, mask))
         elbo = elbo_nll(net, x, samples=256, noise=None,
-                        offsets=torch.rand(num, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+                        offsets=torch.rand(128, num, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
         bpd = lambda v: bits_per_dim(v, d)                                          # noqa: E731
         bits = lambda v: v / (d * math.log(2))                                      # noqa: E731  (a difference)
         rows.append([name,

@@ -1,39 +1,46 @@
-"""Per-step cost of the anisotropic losses next to EDM's (method.md §5 "Cost"; issue targets stage1/EDM <= 1.15,
-stage2/EDM <= 3.0, stage 2 with --estimator-every=4 <= 1.6).
+"""Per-step cost of the anisotropic losses next to EDM's (method.md §5 "Cost"; issue 11 targets on the CIFAR-10
+DDPM++ net at batch 4: stage 2 <= 1.8x EDM per step and <= 1.5x its peak memory, --estimator-every=4 <= 1.2x,
+stage 1 <= 1.05x).
 
 One training step = zero_grad, loss on a batch, backward of sum/batch, Adam on phi (and on theta for the plugin).
-Every configuration uses the same backbone weights, batch and device. Time is the median over steps after warm-up,
-the configurations timed round-robin in one process (stage 2 every-4 averages whole groups of four steps: one with
-the estimator, three without): wall-clock on CUDA, process CPU time on CPU (robust to other processes sharing the
-cores; use --threads=1 for comparable numbers). Memory is measured in a fresh process per configuration: on CUDA the
-peak allocated memory of two steps (groups); on CPU the peak rise of the process RSS over its level after building
-the net and batch (sampled every 2 ms), i.e. what the first steps add: activations, gradients, optimizer state.
+Every configuration uses the same backbone weights, batch and device. Kinds: edm (EDMLoss), stage1, stage2 (estimator
+every step, --hvp=fd), stage2-autograd (the same with --hvp=autograd, the reference), stage2-every4 (--hvp=fd
+--estimator-every=4: one timing unit is four steps, one with the estimator and three without, divided by four), and
+stage2-ckptN (stage 2 with the fd's second call checkpointing its first N residual blocks, ``fd_checkpoint=N``;
+the default is 3). Every other kind uses the loss's defaults.
 
-    python bench/train_step_cost.py                       # tiny (8 px) and CIFAR-sized (32 px DDPM++) nets
-    python bench/train_step_cost.py --nets=cifar --cbase=64 --batch=8 --device=cpu
+Time (bench/timing.py): process CPU time on CPU (wall time on CUDA), every kind once per round in rotation, the first
+round a warm-up; reported are the median over rounds of each kind's time / EDM's time in the same round, and the
+median seconds. Memory: each kind in a fresh process, two units; "peak" is the highest memory during them above the
+level after building the net, batch and optimizers (it includes the optimizer state the first step creates), "step"
+the peak of the second unit above the level just before it (what a steady step adds: activations, gradients,
+estimator).
+
+    python bench/train_step_cost.py --nets=cifar --batch=4 --rounds=5 --threads=1
+    python bench/train_step_cost.py --nets=tiny --kinds=edm,stage2 --no-memory
 """
 
 from __future__ import annotations
 
 import os
-import statistics
+import re
 import sys
-import multiprocessing
-import threading
-import time
 from typing import Any, Callable
 
 import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import timing                                                 # noqa: E402
 from edm_aniso.loss import AnisoStage1Loss, AnisoStage2Loss   # noqa: E402
 from edm_aniso.precond import AnisoPrecond                    # noqa: E402
 from torch_utils import misc                                  # noqa: E402
 from training import networks                                 # noqa: E402
 from training.loss import EDMLoss                             # noqa: E402
 
+KINDS = ('edm', 'stage1', 'stage2', 'stage2-every4', 'stage2-autograd')
 NETS = {
     'tiny': dict(res=8, kwargs=dict(model_type='SongUNet', model_channels=16, channel_mult=[1, 2], num_blocks=1,
                                     attn_resolutions=[], dropout=0.0)),
@@ -57,133 +64,91 @@ def _setup(net_name: str, batch: int, cbase: int | None, device: torch.device) -
     return res, kwargs, state, extra
 
 
-class _PeakRSS:
-    """Samples the process RSS every 2 ms in a thread; ``stop()`` returns the peak rise over the start (MiB)."""
-
-    def __init__(self) -> None:
-        import psutil
-        self.proc = psutil.Process(os.getpid())
-        self.base = self.peak = self.proc.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def stop(self) -> float:
-        self.running = False
-        self.thread.join()
-        return (max(self.peak, self.proc.memory_info().rss) - self.base) / 2**20
-
-
-def _memory_child(kind: str, net_name: str, batch: int, device_name: str, cbase: int | None, threads: int | None,
-                  queue: Any) -> None:
-    """Peak memory (MiB) of one kind's steps, in a fresh process."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    device = torch.device(device_name)
-    step, group = _build_for(kind, net_name, batch, cbase, device)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    sampler = _PeakRSS() if device.type == 'cpu' else None
-    for i in range(2 * group):
-        step(i)
-    if device.type == 'cuda':
-        queue.put(torch.cuda.max_memory_allocated(device) / 2**20)
-    else:
-        queue.put(sampler.stop())
-
-
-def _build_for(kind: str, net_name: str, batch: int, cbase: int | None, device: torch.device
-               ) -> tuple[Callable[[int], None], int]:
+def _build(kind: str, net_name: str, batch: int, cbase: int | None, device: torch.device
+           ) -> tuple[Callable[[], None], int]:
+    """(unit(): run one timing unit, steps per unit) for one kind, with the shared backbone weights and batch."""
     res, kwargs, state, extra = _setup(net_name, batch, cbase, device)
-    return _build(kind, res, kwargs, device, state, extra)
-
-
-def measure(net_name: str, batch: int, steps: int, device: torch.device, cbase: int | None = None,
-            threads: int | None = None, memory: bool = True,
-            kinds: tuple[str, ...] = ('edm', 'stage1', 'stage2', 'stage2-every4')) -> list[dict[str, Any]]:
-    """Seconds per step (all kinds in this process, timed round-robin so that load changes hit all alike) and peak
-    memory in MiB (each kind in its own process) on one net, with ratios to the first kind ('edm')."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    steppers = {kind: _build_for(kind, net_name, batch, cbase, device) for kind in kinds}
-    for step, group in steppers.values():                                     # warm-up
-        for i in range(group):
-            step(i)
-    clock = time.perf_counter if device.type == 'cuda' else time.process_time
-    times: dict[str, list[float]] = {kind: [] for kind in kinds}
-    for s in range(steps):
-        for kind, (step, group) in steppers.items():
-            if device.type == 'cuda':
-                torch.cuda.synchronize(device)
-            t0 = clock()
-            for i in range(group):
-                step((s + 1) * group + i)
-            if device.type == 'cuda':
-                torch.cuda.synchronize(device)
-            times[kind].append((clock() - t0) / group)
-    del steppers
-    rows = []
-    ctx = multiprocessing.get_context('spawn')
-    for kind in kinds:
-        mem = float('nan')
-        if memory:
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_memory_child, args=(kind, net_name, batch, str(device), cbase, threads, queue))
-            proc.start()
-            mem = queue.get()
-            proc.join()
-        rows.append(dict(net=net_name, kind=kind, sec=statistics.median(times[kind]), mem=mem))
-    base = rows[0]
-    for row in rows:
-        row['time_ratio'] = row['sec'] / base['sec']
-        row['mem_ratio'] = row['mem'] / base['mem'] if base['mem'] > 0 else float('nan')
-    return rows
-
-
-def _build(kind: str, res: int, kwargs: dict, device: torch.device, state: dict, extra: dict
-           ) -> tuple[Callable[[int], None], int]:
-    """(step(i), steps per timing group) for one loss kind, with the shared backbone weights and batch."""
-    model_state = dict(state)
-    model_state.update(extra)
-    images, labels = model_state.pop('_images'), model_state.pop('_labels')
+    images, labels = extra['_images'], extra['_labels']
     if kind == 'edm':
         net = networks.EDMPrecond(res, 3, label_dim=10, **kwargs)
-        loss_fn, opts = EDMLoss(), None
+        loss_fn = EDMLoss()
     else:
         stage = 1 if kind == 'stage1' else 2
         net = AnisoPrecond(res, 3, label_dim=10, stage=stage, subspace='iso' if stage == 1 else 'dct', **kwargs)
-        loss_fn = AnisoStage1Loss() if stage == 1 else AnisoStage2Loss(estimator_every=4 if kind.endswith('4') else 1)
-    net.model.load_state_dict(model_state)
+        extra_kw = dict(fd_checkpoint=int(kind[len('stage2-ckpt'):])) if kind.startswith('stage2-ckpt') else {}
+        loss_fn = AnisoStage1Loss() if stage == 1 else AnisoStage2Loss(
+            estimator_every=4 if kind == 'stage2-every4' else 1,
+            hvp='autograd' if kind == 'stage2-autograd' else 'fd', **extra_kw)
+    net.model.load_state_dict(state)
+    del state
     net.train().requires_grad_(True).to(device)
     if kind == 'edm':
         opts = [torch.optim.Adam(net.parameters(), lr=1e-5)]
     else:
         opts = [torch.optim.Adam(net.network_parameters(), lr=1e-5),
                 torch.optim.Adam(net.schedule_parameters(), lr=1e-4)]
+    group = 4 if kind == 'stage2-every4' else 1
+    counter = [0]
 
-    def step(i: int) -> None:
-        if hasattr(loss_fn, 'begin_step'):
-            loss_fn.begin_step(i)
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        loss_fn(net, images, labels).sum().div(images.shape[0]).backward()
-        for opt in opts:
-            opt.step()
+    def unit() -> None:
+        for _ in range(group):
+            if hasattr(loss_fn, 'begin_step'):
+                loss_fn.begin_step(counter[0])
+            counter[0] += 1
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            loss_fn(net, images, labels).sum().div(images.shape[0]).backward()
+            for opt in opts:
+                opt.step()
 
-    return step, 4 if kind == 'stage2-every4' else 1
+    return unit, group
 
 
-def table(rows: list[dict[str, Any]], time_label: str, mem_label: str) -> str:
-    """Markdown table of the measurements."""
-    out = [f'| net | loss | {time_label} | x EDM | {mem_label} | x EDM |', '|---|---|---:|---:|---:|---:|']
+def _memory_setup(kind: str, net_name: str, batch: int, cbase: int | None, device: str) -> Callable[[], None]:
+    return _build(kind, net_name, batch, cbase, torch.device(device))[0]
+
+
+def measure(net_name: str, batch: int, rounds: int, device: torch.device, cbase: int | None = None,
+            threads: int | None = None, memory: bool = True, kinds: tuple[str, ...] = KINDS,
+            progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Per kind: median seconds per step and median paired ratio to the first kind ('edm'), timed in rotation in this
+    process (no timing when rounds = 0); peak memory (MiB, each kind in its own process) and its ratio to the first
+    kind's."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    per_step: dict[str, list[float]] = {kind: [] for kind in kinds}
+    if rounds > 0:
+        units = {kind: _build(kind, net_name, batch, cbase, device) for kind in kinds}
+        times = timing.rotation({kind: fn for kind, (fn, _) in units.items()}, rounds, device, warmup=1,
+                                progress=progress)
+        per_step = {kind: [t / units[kind][1] for t in ts] for kind, ts in times.items()}
+        del units
+    ratios = timing.paired_ratios(per_step, kinds[0])
+    rows = []
+    for kind in kinds:
+        mem = step_mem = float('nan')
+        if memory:
+            mem, step_mem = timing.peak_memory(_memory_setup, (kind, net_name, batch, cbase, str(device)), device,
+                                               threads, calls=2)
+            if progress is not None:
+                progress(f'memory {kind}: peak {mem:.0f} MiB, step {step_mem:.0f} MiB')
+        rows.append(dict(net=net_name, kind=kind, sec=timing.median(per_step[kind]),
+                         time_ratio=timing.median(ratios[kind]), ratios=ratios[kind], secs=per_step[kind],
+                         mem=mem, step_mem=step_mem))
+    for row in rows:
+        row['mem_ratio'] = row['mem'] / rows[0]['mem'] if rows[0]['mem'] > 0 else float('nan')
+        row['step_mem_ratio'] = row['step_mem'] / rows[0]['step_mem'] if rows[0]['step_mem'] > 0 else float('nan')
+    return rows
+
+
+def table(rows: list[dict[str, Any]], time_label: str) -> str:
+    """Markdown table of the measurements (ratios: medians of paired rounds)."""
+    out = [f'| net | loss | {time_label} | x EDM (median of paired rounds) | per-round ratios | peak MiB | x EDM | '
+           f'step MiB | x EDM |', '|---|---|---:|---:|---|---:|---:|---:|---:|']
     for r in rows:
-        out.append(f"| {r['net']} | {r['kind']} | {r['sec']:.4f} | {r['time_ratio']:.2f} | {r['mem']:.1f} | "
-                   f"{r['mem_ratio']:.2f} |")
+        out.append(f"| {r['net']} | {r['kind']} | {r['sec']:.3f} | {r['time_ratio']:.3f} | "
+                   f"{' '.join(f'{v:.2f}' for v in r['ratios'])} | {r['mem']:.0f} | {r['mem_ratio']:.2f} | "
+                   f"{r['step_mem']:.0f} | {r['step_mem_ratio']:.2f} |")
     return '\n'.join(out)
 
 
@@ -194,8 +159,10 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
     nets = list(dict.fromkeys(r['net'] for r in rows))
     kinds = [k for k in dict.fromkeys(r['kind'] for r in rows) if k != 'edm']
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, title in [(axes[0], 'time_ratio', 'step time / EDMLoss'), (axes[1], 'mem_ratio', 'peak memory / EDMLoss')]:
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    panels = [(axes[0], 'time_ratio', 'CPU time per step / EDMLoss'), (axes[1], 'mem_ratio', 'peak memory / EDMLoss'),
+              (axes[2], 'step_mem_ratio', 'memory a steady step adds / EDMLoss')]
+    for ax, key, title in panels:
         width = 0.8 / max(len(kinds), 1)
         for i, kind in enumerate(kinds):
             values = [next((r[key] for r in rows if r['net'] == n and r['kind'] == kind), float('nan')) for n in nets]
@@ -211,28 +178,37 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 @click.command()
 @click.option('--nets', help='Comma-separated nets (tiny, cifar)', default='tiny,cifar', show_default=True)
-@click.option('--batch', help='Batch per step', type=click.IntRange(min=1), default=16, show_default=True)
-@click.option('--steps', help='Timed steps (groups of 4 for every-4)', type=click.IntRange(min=1), default=5,
-              show_default=True)
+@click.option('--kinds', help=f'Comma-separated losses, the first is the baseline ({", ".join(KINDS)}; '
+              'stage2-ckptN: stage 2 with fd_checkpoint=N)',
+              default=','.join(KINDS), show_default=True)
+@click.option('--batch', help='Batch per step', type=click.IntRange(min=1), default=4, show_default=True)
+@click.option('--rounds', help='Timed rounds (after one warm-up round); 0 = memory only', type=click.IntRange(min=0),
+              default=5, show_default=True)
 @click.option('--cbase', help='Override model_channels of the cifar net', type=click.IntRange(min=1))
 @click.option('--device', help='cpu, cuda, cuda:N  [default: cuda if available]', type=str)
 @click.option('--threads', help='CPU threads', type=click.IntRange(min=1))
 @click.option('--memory/--no-memory', help='Also measure peak memory (one process per configuration)', default=True,
               show_default=True)
 @click.option('--plot', 'plot_path', help='Also write a PNG bar chart of the ratios here', metavar='PNG', type=str)
-def main(nets: str, batch: int, steps: int, cbase: int | None, device: str | None, threads: int | None,
-         memory: bool, plot_path: str | None) -> None:
-    """Print a markdown table of step time and peak memory per loss, with ratios to EDMLoss."""
-    dev = misc.pick_device(device)
-    rows = []
-    for name in nets.split(','):
+def main(nets: str, kinds: str, batch: int, rounds: int, cbase: int | None, device: str | None,
+         threads: int | None, memory: bool, plot_path: str | None) -> None:
+    """Print a markdown table of step time and peak memory per loss, with ratios to the first (EDMLoss)."""
+    names = nets.split(',')
+    for name in names:
         if name not in NETS:
             raise click.ClickException(f'--nets: unknown net {name!r}; expected {", ".join(NETS)}')
-        rows += measure(name, batch, steps, dev, cbase if name == 'cifar' else None, threads, memory)
-    mem_label = 'peak MiB' if dev.type == 'cuda' else 'peak RSS +MiB'
-    print(f'device={dev} batch={batch} threads={threads or torch.get_num_threads()}'
+    kind_list = tuple(kinds.split(','))
+    for kind in kind_list:
+        if kind not in KINDS and not re.fullmatch(r'stage2-ckpt\d+', kind):
+            raise click.ClickException(f'--kinds: unknown loss {kind!r}; expected {", ".join(KINDS)}')
+    dev = misc.pick_device(device)
+    rows = []
+    for name in names:
+        rows += measure(name, batch, rounds, dev, cbase if name == 'cifar' else None, threads, memory, kind_list,
+                        progress=lambda msg, name=name: print(f'[{name}] {msg}', file=sys.stderr, flush=True))
+    print(f'device={dev} batch={batch} threads={threads or torch.get_num_threads()} rounds={rounds}'
           + (f' cifar model_channels={cbase}' if cbase else ''))
-    print(table(rows, 'wall s/step' if dev.type == 'cuda' else 'CPU s/step', mem_label))
+    print(table(rows, 'wall s/step' if dev.type == 'cuda' else 'CPU s/step'))
     if plot_path:
         plot(rows, plot_path)
         print(f'Wrote {plot_path}')

@@ -5,17 +5,21 @@ With ``--grid=schedule`` the sampler takes K uniform steps of schedule time, t_i
 is a learned time grid and a learned (g, h) (stage 2) a learned grid and split. The energy objective (method.md §5) is
 blind to that: it is the same whatever K. The term added here measures what the sampler does with the schedule:
 
-    L_disc = w_d K E_{x0, eps, K, j} || W_e (Phi_K(x_j) - Phi_ref(x_j)) ||^2
+    L_disc = w_d E_{x0, eps, K, j} [ K (K/K1)^p ||Phi_K(x_j) - Phi_ref(x_j)||^2_W ]
 
 - K uniform on {K1, ..., K2} (``--disc-steps``), j uniform on {0, ..., K-1}: the step t_j = T (1 - j/K) -> t_{j+1} of
   the K-step schedule grid; x_j = x0 + M(t_j)^1/2 eps, a sample of the path's marginal there (live in theta).
 - Phi_K: one aniso_heun step (method.md §6) with levels a = sqrt(g(t)), b = sqrt(h(t)) at both ends, Euler on the
   last step (j = K-1, to a = b = 0), as the sampler. Phi_ref: ``substeps`` steps of the same kind over the same
   interval (a finer solve of the same network), the stand-in for the exact flow map.
-- W_e = sigma_data (M(t_{j+1}) + sigma_data^2)^-1/2: the error in data units. For data of variance
-  sigma_data^2 per direction the exact PF-ODE carries a perturbation at level M down to the data by this factor, so
-  W_e e is the error the step leaves in the output; at the last step W_e = 1.
-- K E_j[...] is the expected sum over the K steps of the squared local errors in data units.
+- ||e||^2_W, the error in data units (what the step leaves in the output), ``metric``:
+  'denoiser' (default): <e, D(Phi_K) - D(Phi_ref)> at the end level ~ e^T J_D e; for Gaussian data whose covariance
+  commutes with M this is exactly the squared error carried to the data by the PF-ODE (J_D = Lambda (Lambda + M)^-1);
+  ||e||^2 on the last step (end level 0).
+  'data': ||W_e e||^2, W_e = sigma_data (M(t_{j+1}) + sigma_data^2)^-1/2, the same for data of variance sigma_data^2
+  in every direction.
+- K E_j[...] is the expected sum over the K steps of the squared local errors; (K/K1)^p (``k_power``, default 3)
+  balances a range of K (the Heun term falls as K^-5).
 
 theta-gradient: autograd through the whole term (start point, levels, step sizes, the network's conditioning where
 the network lets theta reach it: stage-1 AnisoPrecond and the exact oracles; stage-2 AnisoPrecond detaches (g, h) in
@@ -38,6 +42,7 @@ from edm_aniso.loss import spread
 from torch_utils import persistence
 
 OBJECTIVES = ('energy', 'energy+disc')
+METRICS = ('data', 'denoiser')    # W_e = sigma_data (M + sigma_data^2)^-1/2, or e^T J_D e by <e, D(x_c) - D(x_f)>
 
 
 def parse_steps(text: Any) -> tuple[int, int]:
@@ -79,7 +84,7 @@ class DiscTerm:
     """The weighted local error of one sampler step along the learned path (module docstring), per sample [B]."""
 
     def __init__(self, weight: float = 1.0, steps: Any = (5, 18), substeps: int = 4, detach_net: bool = True,
-                 sigma_data: Optional[float] = None) -> None:
+                 sigma_data: Optional[float] = None, k_power: float = 3.0, metric: str = 'denoiser') -> None:
         if not weight >= 0 or substeps < 2 or not (sigma_data is None or sigma_data > 0):
             raise ValueError(f'DiscTerm needs weight >= 0, substeps >= 2 and sigma_data > 0, got {weight}, '
                              f'{substeps}, {sigma_data}')
@@ -88,6 +93,10 @@ class DiscTerm:
         self.substeps = int(substeps)
         self.detach_net = bool(detach_net)
         self.sigma_data = None if sigma_data is None else float(sigma_data)   # None: the network's (else 0.5)
+        self.k_power = float(k_power)          # extra factor (K / K1)^k_power: balances the K of a range
+        if metric not in METRICS:
+            raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
+        self.metric = metric
 
     def draw(self, batch: int, device: torch.device | str = 'cpu', generator: Optional[torch.Generator] = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,12 +170,33 @@ class DiscTerm:
         params = list(net.network_parameters()) if (self.detach_net and hasattr(net, 'network_parameters')) else []
         with _frozen(params):
             x = y + apply(eps, *self._levels(net, t_s, labels))      # a sample of the marginal at t_j (live in theta)
-            err = self.step(net, x, labels, k, j) - self.step(net, x, labels, k, j, self.substeps)
+            coarse, fine = self.step(net, x, labels, k, j), self.step(net, x, labels, k, j, self.substeps)
         a_e, b_e = self._levels(net, t_e, labels)
-        sd = self.sigma_data if self.sigma_data is not None else float(getattr(net, 'sigma_data', 0.5))
-        w_a = sd * (a_e.square() + sd * sd).rsqrt()
-        w_b = sd * (b_e.square() + sd * sd).rsqrt()
-        return self.weight * k.to(device=y.device, dtype=y.dtype) * apply(err, w_a, w_b).square().flatten(1).sum(1)
+        if self.metric == 'denoiser':
+            with _frozen(params):
+                sq = self._denoiser_metric(net, coarse, fine, a_e, b_e, labels, apply)
+        else:
+            sd = self.sigma_data if self.sigma_data is not None else float(getattr(net, 'sigma_data', 0.5))
+            w_a = sd * (a_e.square() + sd * sd).rsqrt()
+            w_b = sd * (b_e.square() + sd * sd).rsqrt()
+            sq = apply(coarse - fine, w_a, w_b).square().flatten(1).sum(1)
+        kk = k.to(device=y.device, dtype=y.dtype)
+        scale = self.weight * kk * (kk / self.steps[0]) ** self.k_power
+        return scale * sq
+
+    def _denoiser_metric(self, net: Any, coarse: torch.Tensor, fine: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                         labels: Optional[torch.Tensor], apply: Any) -> torch.Tensor:
+        """<e, D(x_c) - D(x_f)> ~ e^T J_D e at the end level (e = x_c - x_f); e^T e where the end level is 0. For
+        Gaussian data diagonal with M, J_D = Lambda (Lambda + M)^-1 is the square of the exact PF-ODE's propagation
+        factor to the data, so this is the squared error the step leaves in the output (see the docs page)."""
+        _, flow = self._apply_flow(net, coarse, labels)
+        end = (a <= 0)
+        a_s, b_s = torch.where(end, torch.ones_like(a), a), torch.where(end, torch.ones_like(b), b)
+        d_c = coarse + apply(flow(coarse, a_s, b_s), a_s, b_s)
+        d_f = fine + apply(flow(fine, a_s, b_s), a_s, b_s)
+        e = coarse - fine
+        inner = (e * (d_c - d_f)).flatten(1).sum(1)
+        return torch.where(end, e.square().flatten(1).sum(1), inner)
 
 
 def _to(v: Any, like: torch.Tensor) -> Any:
@@ -182,9 +212,11 @@ class EnergyDiscLoss:
     explicit_grad_sync = True   # both terms query the schedules outside forward (and stage 2 double-backwards)
 
     def __init__(self, energy: dict, disc_weight: float = 1.0, disc_steps: Any = (5, 18), disc_substeps: int = 4,
-                 disc_detach_net: bool = True, sigma_data: Optional[float] = None) -> None:
+                 disc_detach_net: bool = True, sigma_data: Optional[float] = None, disc_k_power: float = 3.0,
+                 disc_metric: str = 'denoiser') -> None:
         self.energy = dnnlib.util.construct_class_by_name(**energy)
-        self.disc = DiscTerm(disc_weight, disc_steps, disc_substeps, disc_detach_net, sigma_data)
+        self.disc = DiscTerm(disc_weight, disc_steps, disc_substeps, disc_detach_net, sigma_data, disc_k_power,
+                             disc_metric)
 
     def begin_step(self, step_index: int) -> None:
         if hasattr(self.energy, 'begin_step'):

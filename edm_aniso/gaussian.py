@@ -477,7 +477,8 @@ def exact_end_ratio(variances: torch.Tensor, sigma_max: float = 80.0) -> torch.T
 # with block clock s_k (a on P, b on P_perp) and y = x - mu_k, linear plus independent Gaussian noise:
 #   churn          y <- y + S_noise sqrt(s_hat^2 - s^2) eps
 #   Heun s -> s'   y <- c y, c = 1 - (s - s')(k + k' e)/2, e = 1 - (s - s') k, k = s/(lambda + s^2)  (Euler: c = e)
-#   predictor      y <- ((lambda + s'^2)/(lambda + s^2)) y + sqrt(s^2 - s'^2) z      (last step: lambda/(lambda+s^2), no z)
+#   predictor      y <- ((lambda + s'^2)/(lambda + s^2)) y + sqrt(s^2 - s'^2) z
+#                  (the last step: y <- lambda/(lambda + s^2) y, no z)
 #   corrector      y <- (1 - eps/v) y + sqrt(2 eps) z,  v = lambda + s^2  (grad log p = -y/v)
 # so the output law is Gaussian, N(mu + m_y, diag var), propagated exactly here from x_0 = s_0 z. The corrector's step
 # eps is per block: score-SDE's rule eps = 2 snr^2 ||z_B||^2 / ||g_B||^2 is random per sample; the law uses its
@@ -685,62 +686,50 @@ def gaussian_conditional(cov: torch.Tensor, known: torch.Tensor, y: torch.Tensor
     return y + q_u @ mean_u, q_u @ ((cov_u + cov_u.T) / 2) @ q_u.T
 
 
-class BasisNoise:
-    """Exact moments of a sampler that is affine in its Gaussian draws (a Gaussian oracle, linear observations).
-
-    Run the sampler once on the batch ``latents()`` with ``randn_like=self``: row 0 gets zero noise in every draw (the
-    mean path) and rows 1 + k d ... (k + 1) d get the unit vectors of draw k (draw 0: the latents), the other draws
-    zero. Per sample the output is then mean + J ξ with ξ ~ N(0, I) over all draws, J's columns read off the rows:
-    ``moments(out)`` = (mean [d], covariance JᵀJ [d, d]), exact with no Monte-Carlo error. ``num_draws`` counts the
-    latents and every randn_like call (find it by a dry run with ``count_draws``); the sampler must treat the samples
-    of a batch independently."""
-
-    def __init__(self, shape: Sequence[int], num_draws: int):
-        self.shape, self.num_draws = tuple(int(s) for s in shape), int(num_draws)
-        self.d = int(np.prod(self.shape))
-        self.batch = 1 + self.d * self.num_draws
-        self.calls = 0
-
-    def _draw(self, k: int, like: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if k >= self.num_draws:
-            raise RuntimeError(f'the sampler drew more than the {self.num_draws} draws announced')
-        dtype = torch.float64 if like is None else like.dtype
-        out = torch.zeros(self.batch, self.d, dtype=dtype)
-        out[1 + k * self.d: 1 + (k + 1) * self.d] = torch.eye(self.d, dtype=dtype)
-        return out.reshape(self.batch, *self.shape)
-
-    def latents(self) -> torch.Tensor:
-        return self._draw(0)
-
-    def __call__(self, like: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self._draw(self.calls, like).to(like.device)
-
-    def moments(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.calls + 1 != self.num_draws:
-            raise RuntimeError(f'the sampler made {self.calls + 1} draws, {self.num_draws} were announced')
-        flat = out.reshape(self.batch, self.d).to(torch.float64)
-        jac = flat[1:] - flat[:1]
-        return flat[0], jac.T @ jac
-
-    @staticmethod
-    def count_draws(run: Callable[[torch.Tensor, Callable], torch.Tensor], shape: Sequence[int]) -> int:
-        """Latents plus randn_like calls of ``run(latents, randn_like)`` on a batch of one."""
-        calls = [0]
-
-        def counting(like: torch.Tensor) -> torch.Tensor:
-            calls[0] += 1
-            return torch.zeros_like(like)
-        run(torch.zeros(1, *shape, dtype=torch.float64), counting)
-        return 1 + calls[0]
-
-
 def affine_sampler_moments(run: Callable[[torch.Tensor, Callable], torch.Tensor], shape: Sequence[int]
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact (mean [d], covariance [d, d]) of ``run(latents, randn_like)`` with standard normal latents and draws,
-    for a sampler affine in them (BasisNoise)."""
-    noise = BasisNoise(shape, BasisNoise.count_draws(run, shape))
-    return noise.moments(run(noise.latents(), noise))
+    """Exact (mean [d], covariance [d, d]) of ``run(latents, randn_like)`` for standard normal latents and draws,
+    when the sampler is affine in them (a Gaussian oracle, linear observations, fixed step sizes), with no
+    Monte-Carlo error.
+
+    The output is c + Σ_k J_k ξ_k over the draws ξ_k (the latents and every randn_like call), so mean = c, the output
+    at zero draws, and covariance = Σ_k J_k J_kᵀ. The Jacobians come from one reverse-mode pass: ``run`` gets a batch
+    of d identical samples whose draws are zero leaf tensors; the gradient of Σ_r out[r, r] (coordinate r of sample
+    r) with respect to draw k holds row r of J_k in its sample r. ``run`` must be differentiable (not under no_grad)
+    and treat the samples of a batch independently."""
+    d = int(np.prod(shape))
+    draws: list[torch.Tensor] = []
+
+    def randn_like(like: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros(like.shape, dtype=torch.float64, device=like.device, requires_grad=True)
+        draws.append(z)
+        return z
+    latents = randn_like(torch.empty(d, *shape))
+    with torch.enable_grad():
+        out = run(latents, randn_like).reshape(d, d).to(torch.float64)
+        grads = torch.autograd.grad(out.diagonal().sum(), draws, allow_unused=True)
+    jac = torch.cat([g.reshape(d, d) for g in grads if g is not None], dim=1)       # [d, d · draws]
+    return out[0].detach(), jac @ jac.T
+
+
+def conditional_snr_step_sizes(cov: torch.Tensor, known: torch.Tensor, subspace: torch.Tensor, a: float, b: float,
+                               snr: float) -> tuple[float, float]:
+    """Deterministic equivalents (eps_P, eps_perp) of score-SDE's snr rule for the inverse-problem corrector
+    (edm_aniso.inverse.conditional_score) on x ~ N(0, Σ): per block B of the path (P = ``subspace`` [d, d], and
+    P_perp), eps_B = 2 snr² E‖B z‖² / E‖B (I − K) g‖² = 2 snr² tr B / tr(B (I − K)(Σ + M)⁻¹(I − K)) with
+    M = a² P + b² P_perp (the score g = −(Σ + M)⁻¹ x of the noisy marginal has covariance (Σ + M)⁻¹); 0 for a block of
+    dimension 0 or one inside range K (as solve_inverse does). With these fixed steps the corrector is affine, so its
+    exact moments follow (affine_sampler_moments)."""
+    d = cov.shape[0]
+    eye = torch.eye(d, dtype=torch.float64)
+    p, u = subspace.to(torch.float64), eye - known.to(torch.float64)
+    m = a ** 2 * p + b ** 2 * (eye - p)
+    g = u @ torch.linalg.inv(cov.to(torch.float64) + m) @ u
+    out = []
+    for block in (p, eye - p):
+        dim, unknown = float(block.trace()), float((block @ u).trace())
+        out.append(0.0 if dim < 0.5 or unknown < 1e-9 else 2 * snr ** 2 * dim / float((block @ g).trace()))
+    return out[0], out[1]
 
 
 __all__ = ['to_dct', 'from_dct', 'power_law_variances', 'low_block_mask', 'MaskedDCTSubspace', 'DCTGaussian',
@@ -749,4 +738,5 @@ __all__ = ['to_dct', 'from_dct', 'power_law_variances', 'low_block_mask', 'Maske
            'exact_end_ratio', 'exact_denoised_gain', 'gaussian_nll', 'gaussian_elbo',
            'random_knot_oracle', 'SigmaView', 'aniso_sde_law', 'pc_law', 'langevin_law', 'corrector_law_step',
            'law_start', 'law_frechet', 'oracle_mask', 'stochastic_law',
-           'dct_gaussian_covariance', 'projector_matrix', 'gaussian_conditional', 'BasisNoise', 'affine_sampler_moments']
+           'dct_gaussian_covariance', 'projector_matrix', 'gaussian_conditional', 'affine_sampler_moments',
+           'conditional_snr_step_sizes']

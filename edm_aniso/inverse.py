@@ -16,11 +16,15 @@ the state reaches level i, its known component is replaced by the observation no
     x <- (I - K) x + K (y + M_i^1/2 e),    e ~ N(0, I) fresh at every replacement (per-seed generators),
 
 which is a sample of the forward marginal of K x_i given K x_0 = y; at the data end (M_N = 0) the known part is y
-exactly. Between replacements the state moves with a predictor (the reverse-SDE step of the path, or the
+exactly. Between replacements the state moves with a predictor (the reverse-SDE step of the ``pc`` sampler, or the
 deterministic Heun step of aniso_heun) and, optionally, Langevin corrector steps at each level (score-SDE's
-predictor-corrector scheme), each followed by a replacement. The unknown part thus follows the network's score
-evaluated at a noised observation: score-SDE's approximation p_t(u | y) ~ p_t(u | K x_t), not an exact conditional
-sampler; bench/inverse_gaussian.py measures the gap to the exact conditional on Gaussian data.
+predictor-corrector scheme, ``edm_aniso.stochastic.langevin_correct``) on the score's unknown component
+(``conditional_score``), each followed by a replacement. The predictor alone follows the network's score at a noised
+observation, score-SDE's approximation p_t(u | y) ~ p_t(u | K x_t): on correlated data it stays off the exact
+conditional however many steps it takes; the corrector steps relax u toward p_t(u | K x_t) at each level, which at the
+data end is the exact conditional. bench/inverse_gaussian.py measures both on Gaussian data (bench/RESULTS.md).
+Everything per-subspace (M^1/2, M^-1, the blocks of the corrector) comes from the path (edm_aniso.path), so EDM
+networks (a = b = sigma) and anisotropic ones run the same code.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from edm_aniso import stochastic
 from edm_aniso.path import GRID_KINDS, PathDenoiser, noise_path
 from edm_aniso.subspace import DCTSubspace
 
@@ -106,6 +111,8 @@ class LowFrequencyObservation(Observation):
         self.block = DCTSubspace(resolution, self.cutoff)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block.L.device != x.device:
+            self.block = self.block.to(x.device)
         return self.block.project(x)
 
     def describe(self) -> str:
@@ -178,14 +185,33 @@ def make_observation(task: str, channels: int, resolution: int, mask: Optional[t
 # The conditional sampler.
 
 
-def _corrector() -> Callable:
-    """edm_aniso.stochastic.langevin_correct (the Langevin corrector of the pc sampler)."""
-    try:
-        from edm_aniso.stochastic import langevin_correct
-    except ImportError as err:
-        raise ValueError('corrector steps need edm_aniso.stochastic.langevin_correct, which this installation '
-                         'lacks') from err
-    return langevin_correct
+DEFAULT_SNR = 0.16          # score-SDE's signal-to-noise ratio for VE models (the pc sampler's default)
+
+
+def conditional_score(den: Callable, path: Any, observation: Observation) -> Callable:
+    """(x, a, b) -> (I - K) M^-1 (D(x; M) - x): the network's score with its known component removed, the score of
+    p(u | K x) in the unknown component u.
+
+    The corrector steps on it: x + E (I - K) g + (2 E)^1/2 z with E = eps_P P + eps_perp P_perp (langevin_correct);
+    the replacement that follows keeps (I - K) of it, u + (I - K) E (I - K) g + 2^1/2 (I - K) E^1/2 z, which is
+    Langevin dynamics on u with preconditioner (I - K) E (I - K): its invariant law (small steps) is the network's
+    p(u | K x) at the level. On the full score the known component's score would leak into u through E wherever E
+    does not commute with K (a pixel mask on an anisotropic DCT path; bench/inverse_gaussian.py measures it)."""
+    def score(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        g = path.apply(den(x, a, b) - x, a.square().reciprocal(), b.square().reciprocal())
+        return g - observation.project(g)
+    return score
+
+
+def blocks_inside(path: Any, observation: Observation, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample [B] bool: does the block P (resp. P_perp) of the path lie inside the known component (range K)?
+    E.g. P = K for super-resolution on the DCT split a network was trained on. Tested on a fixed random probe."""
+    probe = torch.randn(like.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(like.device)
+    out = []
+    for v in (path.project(probe), probe - path.project(probe)):
+        rest = (v - observation.project(v)).flatten(1).norm(dim=1)
+        out.append(rest <= 1e-9 * v.flatten(1).norm(dim=1))
+    return out[0], out[1]
 
 
 def check_sampler_options(num_steps: int, predictor: str, corrector_steps: int, snr: Optional[float],
@@ -203,11 +229,8 @@ def check_sampler_options(num_steps: int, predictor: str, corrector_steps: int, 
         raise ValueError('--snr sets the corrector\'s step size: it needs --corrector-steps >= 1')
     if snr is not None and not snr > 0:
         raise ValueError(f'--snr must be > 0, got {snr}')
-    if corrector_steps > 0:
-        _corrector()
 
 
-@torch.no_grad()
 def solve_inverse(
     net:             Any,                               # EDM network or AnisoPrecond (or an oracle of gaussian.py)
     observation:     Observation,                       # K: what is known
@@ -220,35 +243,43 @@ def solve_inverse(
     sigma_max:       Optional[float] = None,            # None: 80, lowered to the network's
     rho:             float = 7.0,                       # rho of the Karras grid
     grid:            str = 'karras',                    # 'karras' | 'schedule' (edm_aniso.path.NoisePath.grid)
-    predictor:       str = 'sde',                       # 'sde': reverse-SDE step; 'heun': aniso_heun's step
+    predictor:       str = 'heun',                      # 'sde': reverse-SDE step; 'heun': aniso_heun's step
     corrector_steps: int = 0,                           # Langevin steps at each level (0: none)
-    snr:             Optional[float] = None,            # corrector signal-to-noise ratio (None: the corrector's default)
-    callback:        Optional[Callable[[dict], None]] = None,   # called with {'i', 'x', 'a', 'b'} after each level
+    snr:             Optional[float] = None,            # corrector signal-to-noise ratio (None: DEFAULT_SNR)
+    corrector_step_size: Optional[Callable[[int], tuple]] = None,  # i -> fixed (eps_P, eps_perp) instead of the rule
+    callback:        Optional[Callable[[dict], None]] = None,   # {'i', 'x', 'a', 'b', 'nfe'} after each level
 ) -> torch.Tensor:
     """Sample the unknown component given K x = ``known`` (module docstring); float64 [B, C, H, W] whose known
-    component is ``known`` (exactly for masks, to rounding for the DCT block and luminance).
+    component is ``known`` (exactly for masks, to rounding for the DCT block and luminance). It runs in the caller's
+    grad mode (the command line uses no_grad; exact laws differentiate through it).
 
     Levels (a_i, b_i) from ``path.grid`` (a_N = b_N = 0). Start x_0 = M_0^1/2 z, replaced. At each level i < N:
-    ``corrector_steps`` times a Langevin step at level i, then a replacement at level i; then the predictor to level
-    i + 1, then a replacement at level i + 1 (at i + 1 = N: K x = y exactly, no noise drawn). Predictors, with
-    D = D(x; M_i) and s = M_i^-1 (D - x) (``NoisePath.score``):
+    ``corrector_steps`` times one Langevin step at level i (``edm_aniso.stochastic.langevin_correct`` on the
+    ``conditional_score``) followed by a replacement at level i; then the predictor to level i + 1, then a
+    replacement at level i + 1 (at i + 1 = N: K x = y exactly, no noise drawn). Predictors, with D = D(x; M_i):
 
-    - ``sde`` (score-SDE's reverse diffusion): x <- x + (M_i - M_{i+1}) s + (M_i - M_{i+1})^1/2 z, per block
-      a_i^2 - a_{i+1}^2 on P and b_i^2 - b_{i+1}^2 on P_perp; the last step returns D (the mean, no noise).
-      NFE = N.
+    - ``sde``: the reverse-diffusion step of the ``pc`` sampler (``edm_aniso.stochastic.reverse_sde_step``),
+      x + (M_i - M_{i+1}) M_i^-1 (D - x) + (M_i - M_{i+1})^1/2 z per block; the last step returns D. NFE = N.
     - ``heun``: aniso_heun's per-subspace Heun step (the last one Euler). NFE = 2N - 1.
 
-    Each corrector step costs one more evaluation. Per-seed draws in order: latents (the caller's), then per level the
-    corrector's and replacements' noise, then the predictor's (sde, not on the last step)."""
+    The corrector's step sizes follow score-SDE's snr rule per block (``edm_aniso.stochastic.snr_step_sizes`` on the
+    conditional score and the step's noise), set at a level's first corrector step and kept for the level's other
+    steps (as ``langevin_correct`` does within one run), 0 on a block inside the known component (``blocks_inside``:
+    its conditional score is 0 up to rounding, and the rule would divide by it); ``corrector_step_size`` fixes them
+    instead (exact laws on Gaussian data). Each corrector step costs one evaluation more. Per-seed draws in order:
+    latents (the caller's), a replacement at level 0, then per level each corrector step's noise and its replacement,
+    the predictor's noise (sde, not on the last step) and the replacement at the next level (none at the data end)."""
     check_sampler_options(num_steps, predictor, corrector_steps, snr, grid)
     if known.shape != latents.shape:
         raise ValueError(f'known {tuple(known.shape)} and latents {tuple(latents.shape)} must have the same shape')
     path = noise_path(net, class_labels, latents)
     lev = path.grid(num_steps, grid, sigma_min, sigma_max, rho)
     den = PathDenoiser(net, path, class_labels)
+    cond_score = conditional_score(den, path, observation)
     a, b = lev.a, lev.b
     known = known.to(torch.float64)
-    correct = _corrector() if corrector_steps > 0 else None
+    snr = DEFAULT_SNR if snr is None else float(snr)
+    inside = blocks_inside(path, observation, latents) if corrector_steps > 0 else None
 
     def replace(x: torch.Tensor, i: int) -> torch.Tensor:
         """Known component <- K (y + M_i^1/2 e); at the data end (a_i = b_i = 0) <- y."""
@@ -257,23 +288,33 @@ def solve_inverse(
         noised = known + path.apply(randn_like(x), a[:, i], b[:, i])
         return observation.impose(x, observation.project(noised))
 
+    def correct(x: torch.Tensor, level: tuple, eps: Optional[tuple]) -> tuple[torch.Tensor, tuple]:
+        """One Langevin step (langevin_correct) on the conditional score; the snr rule (stochastic.snr_step_sizes)
+        sets eps where it is None, from this step's score and noise, with step 0 on blocks inside range K."""
+        g = cond_score(x, *level)
+        z = randn_like(x)
+        if eps is None:
+            eps_a, eps_b = stochastic.snr_step_sizes(path, g, z, snr)
+            eps = (torch.where(inside[0], torch.zeros_like(eps_a), eps_a),
+                   torch.where(inside[1], torch.zeros_like(eps_b), eps_b))
+        drift = path.apply(g, level[0].square(), level[1].square())       # D' - x with M^-1 (D' - x) = g
+        x = stochastic.langevin_correct(path, lambda v, *_: v + drift, x, level, snr=snr, steps=1,
+                                        randn_like=lambda like: z, step_size=eps)
+        return x, eps
+
     x = replace(path.apply(latents.to(torch.float64), a[:, 0], b[:, 0]), 0)
     for i in range(num_steps):
-        last = i == num_steps - 1
+        level = (a[:, i], b[:, i])
+        eps = None if corrector_step_size is None else corrector_step_size(i)
         for _ in range(corrector_steps):
-            kwargs = {} if snr is None else dict(snr=snr)
-            x = correct(den, path, x, a[:, i], b[:, i], randn_like=randn_like, **kwargs)
+            x, eps = correct(x, level, eps)                 # the level's first step sets its step sizes
             x = replace(x, i)
+        last = i == num_steps - 1
         if predictor == 'sde':
-            denoised = den(x, a[:, i], b[:, i])
-            if last:
-                x = denoised
-            else:
-                da2, db2 = a[:, i].square() - a[:, i + 1].square(), b[:, i].square() - b[:, i + 1].square()
-                drift = path.apply(denoised - x, da2 / a[:, i].square(), db2 / b[:, i].square())  # (M_i - M_i+1) s
-                x = x + drift + path.apply(randn_like(x), da2.clamp_min(0).sqrt(), db2.clamp_min(0).sqrt())
+            x = stochastic.reverse_sde_step(path, x, den(x, *level), *level, a[:, i + 1], b[:, i + 1],
+                                            None if last else randn_like(x))
         else:
-            f = den.flow(x, a[:, i], b[:, i])
+            f = den.flow(x, *level)
             da, db = a[:, i + 1] - a[:, i], b[:, i + 1] - b[:, i]
             x_next = x - path.apply(f, da, db)
             if not last:
@@ -291,6 +332,7 @@ def network_evaluations(num_steps: int, predictor: str, corrector_steps: int = 0
     return base + num_steps * corrector_steps
 
 
-__all__ = ['TASKS', 'PREDICTORS', 'COLOR_BASIS', 'Observation', 'MaskObservation', 'LowFrequencyObservation',
-           'LuminanceObservation', 'to_color_basis', 'check_task_options', 'make_observation', 'check_sampler_options', 'solve_inverse',
+__all__ = ['TASKS', 'PREDICTORS', 'COLOR_BASIS', 'DEFAULT_SNR', 'Observation', 'MaskObservation',
+           'LowFrequencyObservation', 'LuminanceObservation', 'to_color_basis', 'check_task_options',
+           'make_observation', 'conditional_score', 'blocks_inside', 'check_sampler_options', 'solve_inverse',
            'network_evaluations']

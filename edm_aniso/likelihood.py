@@ -26,7 +26,9 @@ for every x (VDM's continuous-time bound, one SNR 1/a^2 on P and 1/b^2 on P_perp
             = int_{s_min}^{s_max} E_eps[ kappa_a/a^2 ||P(x - D)||^2 + kappa_b/b^2 ||P_perp(x - D)||^2 ] ds,
 with x_t = x + M^1/2 eps (d m = 2 m kappa ds turns 1/2 m_dot/m^2 dt into kappa/m ds). L_diff is estimated by Monte
 Carlo: s uniform on [s_min, s_max] (importance sampling uniform in log sigma), stratified per image
-(s_j = s_min + (j + u)/J (s_max - s_min), one u per image), each s with an antithetic pair (eps, -eps), and the
+(s_j = s_min + (j + u_j)/J (s_max - s_min), an independent u_j per stratum and image: with one u shared by all strata
+(systematic sampling) the strata are correlated and the neighbouring-difference standard error below was measured
+about 1.4x too small), each s with an antithetic pair (eps, -eps), and the
 control variate beta_a kappa_a (||P eps||^2 - d_P) + beta_b kappa_b (||P_perp eps||^2 - d_perp) (zero mean;
 beta = (sigma_data^2 / (m + sigma_data^2))^2, exact for D = x_t at low noise) subtracted: unbiased, with its
 standard error per image.
@@ -185,7 +187,7 @@ def ode_nll(net: Any, x: torch.Tensor, class_labels: Optional[torch.Tensor] = No
 
 def elbo_nll(net: Any, x: torch.Tensor, class_labels: Optional[torch.Tensor] = None, *,
              samples:    int                     = 64,          # network evaluations per image (an even number)
-             offsets:    Optional[torch.Tensor]  = None,        # [B] stratification offsets u in [0, 1) (None: drawn)
+             offsets:    Optional[torch.Tensor]  = None,        # [samples/2, B] offsets u_j in [0, 1) (None: drawn)
              noise:      Optional[torch.Tensor]  = None,        # [samples/2, B, C, H, W] eps (None: drawn)
              sigma_min:  Optional[float]         = None,        # decoder level (None: 0.002), raised to net.sigma_min
              sigma_max:  Optional[float]         = None,        # prior level (None: 80), lowered to net.sigma_max
@@ -201,7 +203,10 @@ def elbo_nll(net: Any, x: torch.Tensor, class_labels: Optional[torch.Tensor] = N
     sd2 = float(sigma_data if sigma_data is not None else getattr(net, 'sigma_data', 0.5)) ** 2
     d_p, d_q = path.dims
     if offsets is None:
-        offsets = torch.rand(batch, dtype=torch.float64, device=dev)
+        offsets = torch.rand(pairs, batch, dtype=torch.float64, device=dev)
+    if tuple(offsets.shape) != (pairs, batch):
+        raise ValueError(f'offsets must have shape [samples/2, B] = [{pairs}, {batch}] (one per stratum and image), '
+                         f'got {list(offsets.shape)}')
     if noise is None:
         noise = torch.randn(pairs, *x.shape, dtype=torch.float64, device=dev)
     if noise.shape[0] != pairs:
@@ -218,7 +223,7 @@ def elbo_nll(net: Any, x: torch.Tensor, class_labels: Optional[torch.Tensor] = N
     s_lo, s_hi = math.log(lo), math.log(hi)
     per_pair = torch.zeros(pairs, batch, dtype=torch.float64, device=dev)
     for j in range(pairs):
-        s = s_lo + (j + offsets.to(dev, torch.float64)) / pairs * (s_hi - s_lo)
+        s = s_lo + (j + offsets[j].to(dev, torch.float64)) / pairs * (s_hi - s_lo)
         sigma = s.exp()
         a, b = path.split(sigma)
         ka, kb = path.log_slopes(sigma)

@@ -181,7 +181,10 @@ class AnisoStage2Loss:
 
     ``hvp`` (``--hvp``): how wiring step (2) gets q = grad_x <a, e>: 'fd' (default), a one-sided difference of the VJP
     with a second network call that replays the first one's randomness, no create_graph (``edm_aniso.hvp``); or
-    'autograd', the double backward (the reference).
+    'autograd', the double backward (the reference). ``fd_scale``: c of the fd's step rule (``hvp.fd_delta``).
+    ``fd_checkpoint = N``: the fd's second call runs its first N residual blocks under activation checkpointing
+    (``hvp.checkpoint_blocks``): less peak memory for one more forward of those blocks (default 3: on EDM's CIFAR-10
+    DDPM++ net, three of the four full-resolution encoder blocks; bench/RESULTS.md "Training-step cost").
 
     ``estimator_every = k`` (``--estimator-every``): the surrogate runs only on steps with step_index % k == 0 (set by
     ``begin_step``) and is multiplied by k there, so that over any k consecutive steps the theta-gradient (iii) has the
@@ -198,13 +201,14 @@ class AnisoStage2Loss:
     explicit_grad_sync = True   # double backward: the loop calls the unwrapped net and all-reduces gradients.
 
     def __init__(self, kappa: float = 1.0, t_min: float = 1e-9, probes: int = 1, estimator_every: int = 1,
-                 fused: bool = True, hvp: str = 'fd', fd_scale: float = hvp_lib.FD_SCALE) -> None:
+                 fused: bool = True, hvp: str = 'fd', fd_scale: float = hvp_lib.FD_SCALE,
+                 fd_checkpoint: int = hvp_lib.FD_CHECKPOINT) -> None:
         if not kappa > 0 or not t_min >= 0 or probes < 1 or estimator_every < 1:
             raise ValueError(f'AnisoStage2Loss needs kappa > 0, t_min >= 0, probes >= 1 and estimator_every >= 1, '
                              f'got {kappa}, {t_min}, {probes}, {estimator_every}')
-        if hvp not in hvp_lib.HVP_METHODS or not fd_scale > 0:
-            raise ValueError(f'AnisoStage2Loss needs hvp in {hvp_lib.HVP_METHODS} and fd_scale > 0, got {hvp!r}, '
-                             f'{fd_scale}')
+        if hvp not in hvp_lib.HVP_METHODS or not fd_scale > 0 or fd_checkpoint < 0:
+            raise ValueError(f'AnisoStage2Loss needs hvp in {hvp_lib.HVP_METHODS}, fd_scale > 0 and '
+                             f'fd_checkpoint >= 0, got {hvp!r}, {fd_scale}, {fd_checkpoint}')
         self.kappa = float(kappa)
         self.t_min = float(t_min)
         self.probes = int(probes)
@@ -212,6 +216,7 @@ class AnisoStage2Loss:
         self.fused = bool(fused)
         self.hvp = str(hvp)
         self.fd_scale = float(fd_scale)
+        self.fd_checkpoint = int(fd_checkpoint)
         self.step_index = 0
 
     def begin_step(self, step_index: int) -> None:
@@ -288,7 +293,7 @@ class AnisoStage2Loss:
             a = torch.autograd.grad(_dot(b, f).sum(), x_live, retain_graph=True)[0]
 
         def vjp(x2: torch.Tensor) -> torch.Tensor:
-            with rng.replay():
+            with rng.replay(), hvp_lib.checkpoint_blocks(net, self.fd_checkpoint):
                 return hvp_lib.input_vjp(flow, x2, b, params)
 
         delta = hvp_lib.fd_delta(x, torch.minimum(g, h).detach().sqrt(), self.fd_scale)

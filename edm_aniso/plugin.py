@@ -49,8 +49,10 @@ OPTIONS = [
                  metavar='FLOAT', type=click.FloatRange(min=0, min_open=True)),
     click.Option(['--probes'], help='Hutchinson probes per sample (stage 2)  [default: 1]', metavar='INT',
                  type=click.IntRange(min=1)),
-    click.Option(['--estimator-every'], help='Run the theta estimator every N-th step (stage 2)  [default: 1]',
-                 metavar='INT', type=click.IntRange(min=1)),
+    click.Option(['--estimator-every'], help='Run the theta estimator every N-th step, scaled by N (stage 2)  '
+                 '[default: 1]', metavar='INT', type=click.IntRange(min=1)),
+    click.Option(['--hvp'], help='Hessian-vector product of the estimator: fd = finite difference of the VJP, '
+                 'autograd = double backward (stage 2)  [default: fd]', type=click.Choice(['fd', 'autograd'])),
     click.Option(['--objective'], help='Schedule objective: energy = the trajectory objective (method.md §5); '
                  'energy+disc adds the local error of one sampler step on the --grid=schedule grid '
                  '(docs/discretisation-objective.md)  [default: energy]', type=click.Choice(['energy', 'energy+disc'])),
@@ -60,6 +62,11 @@ OPTIONS = [
                  metavar='K|K1-K2', type=str),
     click.Option(['--disc-substeps'], help='Heun substeps of the reference solve of each step  [default: 4]',
                  metavar='INT', type=click.IntRange(min=2)),
+    click.Option(['--disc-metric'], help='Units of the step error: denoiser = e^T J_D e (the error propagated to the '
+                 'data), data = sigma_data (M + sigma_data^2)^-1/2 e  [default: denoiser]',
+                 type=click.Choice(['denoiser', 'data'])),
+    click.Option(['--disc-k-power'], help='Extra weight (K/K1)^p over a --disc-steps range  [default: 3]',
+                 metavar='FLOAT', type=click.FloatRange(min=0)),
     click.Option(['--disc-detach-net'], help='Network weights get no gradient from the discretisation term  '
                  '[default: True]', metavar='BOOL', type=bool),
     click.Option(['--preset'], help='Hyper-parameter preset (reference: the method\'s published settings)',
@@ -137,7 +144,8 @@ def _pca_bases_path(c: Any, opts: Any, rank: Optional[int]) -> str:
 
 
 DISC_OPTIONS = [('disc_weight', '--disc-weight'), ('disc_steps', '--disc-steps'), ('disc_substeps', '--disc-substeps'),
-                ('disc_detach_net', '--disc-detach-net')]
+                ('disc_detach_net', '--disc-detach-net'), ('disc_metric', '--disc-metric'),
+                ('disc_k_power', '--disc-k-power')]
 
 
 def objective_loss_kwargs(energy: Any, opts: Any) -> Any:
@@ -159,7 +167,9 @@ def objective_loss_kwargs(energy: Any, opts: Any) -> Any:
     return dnnlib.EasyDict(class_name='edm_aniso.disc_loss.EnergyDiscLoss', energy=dict(energy),
                            disc_weight=1.0 if weight is None else float(weight), disc_steps=list(steps),
                            disc_substeps=opts.get('disc_substeps') or 4,
-                           disc_detach_net=True if detach is None else bool(detach))
+                           disc_detach_net=True if detach is None else bool(detach),
+                           disc_metric=opts.get('disc_metric') or 'denoiser',
+                           disc_k_power=3.0 if opts.get('disc_k_power') is None else float(opts.disc_k_power))
 
 
 def configure(c: Any, opts: Any) -> None:
@@ -168,7 +178,8 @@ def configure(c: Any, opts: Any) -> None:
     subspace = opts.get('subspace') or ('iso' if stage == 1 else 'dct')
     if stage == 1 and subspace != 'iso':
         raise click.ClickException('--subspace applies only to --stage=2 (stage 1 is isotropic)')
-    for name, flag in [('kappa', '--kappa'), ('probes', '--probes'), ('estimator_every', '--estimator-every')]:
+    for name, flag in [('kappa', '--kappa'), ('probes', '--probes'), ('estimator_every', '--estimator-every'),
+                       ('hvp', '--hvp')]:
         if stage == 1 and opts.get(name) is not None:
             raise click.ClickException(f'{flag} applies only to --stage=2')
     if subspace != 'dct' and opts.get('dct_cutoff') is not None:
@@ -216,6 +227,8 @@ def configure(c: Any, opts: Any) -> None:
         c.loss_kwargs = dnnlib.EasyDict(class_name='edm_aniso.loss.AnisoStage2Loss', kappa=kappa,
                                         probes=opts.get('probes') or 1,
                                         estimator_every=opts.get('estimator_every') or 1)
+        if opts.get('hvp') is not None:                        # else the loss's default (fd)
+            c.loss_kwargs.hvp = opts.hvp
     c.loss_kwargs = objective_loss_kwargs(c.loss_kwargs, opts)
 
     # Optimizers: phi keeps the base Adam (fine-tuning LR unless --lr), theta gets its own.

@@ -249,8 +249,8 @@ def _check_rk2(net: Any, opts: Any) -> None:
 TRAJECTORY_OPTION = click.Option(['--trajectory'], help='Save a strip PNG of the denoised estimate at every step per '
                                  'seed here', metavar='DIR', type=str, default=None)
 GRID_OPTION = click.Option(['--grid'], help='Sampler levels: karras = EDM\'s sigma grid (rho), schedule = N uniform steps '
-                           'of the learned schedule\'s time down to 0 (--sigma_min not applied)  [default: karras]', type=click.Choice(list(GRID_KINDS)),
-                           default=None)
+                           'of the learned schedule\'s time down to 0 (--sigma_min not applied)  [default: karras]',
+                           type=click.Choice(list(GRID_KINDS)), default=None)
 
 SAMPLER_ENTRIES: list = [] if SamplerEntry is None else [
     SamplerEntry(name='aniso_heun', sample=aniso_heun, options=[GRID_OPTION, TRAJECTORY_OPTION], check=_check_heun,

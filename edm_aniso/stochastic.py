@@ -22,12 +22,15 @@ probability-flow ODE from (a_hat, b_hat) to (a_{i+1}, b_{i+1}) as in ``aniso_heu
 on a schedule grid). With S_churn > 0 the noise is drawn at every step (scaled by 0 where gamma_i = 0), as in EDM, so
 each seed's stream matches EDM's. With g = h (EDM networks, stage-1 schedules) it is EDM's stochastic sampler; with
 S_churn = 0 it is ``aniso_heun``. NFE = 2N - 1. Schedules must be monotone (a and b rise with sigma); a negative
-increment, which a monotone path cannot produce, is clamped to 0.
+increment, which a monotone path cannot produce, is clamped to 0. A learned schedule ends at its sigma_max (time T):
+there sigma_hat above it splits as sigma_max, so a churn step from a level near sigma_max adds less noise than EDM's
+would (EDM networks keep EDM's t_hat > sigma_max). EDM's published settings (S_max = 50 < 80/(1 + gamma)) never
+churn there, and with them a learned g = h gives EDM's images.
 
 **pc: predictor-corrector (Song et al. 2021, VE case) per subspace.** At each level i, first ``corrector_steps``
 Langevin steps at (a_i, b_i) (``langevin_correct``), then the predictor, the reverse-diffusion (Euler-Maruyama) step
-of the reverse SDE dx = -(dM/dt) grad log p dt + (dM/dt)^1/2 dw_bar, discretised as score-SDE's ReverseDiffusionPredictor
-per block (grad log p = M^-1 (D - x), edm_aniso.path):
+of the reverse SDE dx = -(dM/dt) grad log p dt + (dM/dt)^1/2 dw_bar, discretised as score-SDE's
+ReverseDiffusionPredictor per block (grad log p = M^-1 (D - x), edm_aniso.path):
 
     x_{i+1} = x_i + (M_i - M_{i+1}) M_i^-1 (D_i - x_i) + (M_i - M_{i+1})^1/2 z
             = x_i + apply(D_i - x_i, 1 - a_{i+1}^2/a_i^2, 1 - b_{i+1}^2/b_i^2) + apply(z, sqrt(a_i^2 - a_{i+1}^2),
@@ -52,8 +55,9 @@ on the whole vector, with two deliberate deviations from score-SDE's code:
 - within one corrector run (several steps at one level) the rule sets the step sizes at the run's first step and
   they are kept for its other steps. A step size recomputed from the current state at every step makes the chain
   state-dependent without the matching drift correction: measured on the exact Gaussian (1x16x16, 100 steps at one
-  level), it moved the marginal's variance by +0.3..1.1 % whatever the snr, an O(1/dim) bias; with the run's step
-  size fixed only the unadjusted-Langevin bias below remains.
+  level), it moved the marginal's variance by +0.3..1.1 % whatever the snr, an O(1/dim) bias. With the run's step
+  sizes fixed, what is left beyond the unadjusted-Langevin bias below is the first step's correlation of the step
+  size with its state and noise, O(eps/dim) per run (+0.2 % after 10 steps at snr = 0.05, bench/RESULTS.md).
 
 As any unadjusted Langevin step it has a bias of order eps: on a Gaussian marginal of variance v a step of size eps
 changes the variance by eps^2/v, and many steps approach v/(1 - eps/(2v)); with the rule eps/v ~ 2 snr^2, so at
@@ -70,7 +74,7 @@ import click
 import torch
 
 from edm_aniso.path import NoisePath, PathDenoiser, SigmaPath, noise_path
-from edm_aniso.sampler import GRID_OPTION, TRAJECTORY_OPTION, _opt, _recorder, check_options
+from edm_aniso.sampler import GRID_OPTION, TRAJECTORY_OPTION, _opt, _recorder, check_options, start_on_grid
 
 try:
     from training import registry as _registry
@@ -89,16 +93,24 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def _blocks(path: NoisePath, v: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(P v, P_perp v); P v is None for a block P of dimension 0 (then P_perp v = v)."""
+    if path.dims[0] == 0:
+        return None, v
+    pv = path.project(v)
+    return pv, v - pv
+
+
+def _sq(v: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if v is None:
+        return torch.zeros(like.shape[0], dtype=torch.float64, device=like.device)
+    return v.to(torch.float64).square().flatten(1).sum(1)
+
+
 def block_sq_norms(path: NoisePath, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(||P v||^2, ||P_perp v||^2) per sample [B] float64 (0 for a block of dimension 0)."""
-    v = v.to(torch.float64)
-    d_p, d_q = path.dims
-    if d_p == 0:
-        return torch.zeros(v.shape[0], dtype=torch.float64, device=v.device), v.square().flatten(1).sum(1)
-    pv = path.project(v)
-    zero = torch.zeros(v.shape[0], dtype=torch.float64, device=v.device)
-    n_q = (v - pv).square().flatten(1).sum(1) if d_q > 0 else zero
-    return pv.square().flatten(1).sum(1), n_q
+    pv, qv = _blocks(path, v.to(torch.float64))
+    return _sq(pv, v), _sq(qv, v) if path.dims[1] > 0 else _sq(None, v)
 
 
 def _split_level(path: NoisePath, level: Level) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,15 +120,18 @@ def _split_level(path: NoisePath, level: Level) -> tuple[torch.Tensor, torch.Ten
     return path.split(level)
 
 
+def _rule(z2: torch.Tensor, g2: torch.Tensor, snr: float) -> torch.Tensor:
+    """eps = 2 snr^2 ||z||^2 / ||g||^2 (0 where ||g|| = 0, e.g. an empty block)."""
+    return torch.where(g2 > 0, 2 * snr ** 2 * z2 / g2.clamp_min(1e-300), torch.zeros_like(g2))
+
+
 def snr_step_sizes(path: NoisePath, grad: torch.Tensor, noise: torch.Tensor, snr: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """score-SDE's step rule per block and sample: eps = 2 (snr ||z_block|| / ||g_block||)^2 ([B] each; 0 where a
     block has dimension 0 or a zero score)."""
     g_p, g_q = block_sq_norms(path, grad)
     z_p, z_q = block_sq_norms(path, noise)
-    rule = lambda zn, gn: torch.where(gn > 0, 2 * snr ** 2 * zn / gn.clamp_min(1e-300),   # noqa: E731
-                                      torch.zeros_like(gn))
-    return rule(z_p, g_p), rule(z_q, g_q)
+    return _rule(z_p, g_p, snr), _rule(z_q, g_q, snr)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -152,13 +167,18 @@ def langevin_correct(path: NoisePath, denoise: Denoise, x: torch.Tensor, level: 
         eps_a, eps_b = path.levels(step_size[0]), path.levels(step_size[1])
     for j in range(int(steps)):
         D = denoise(x, a, b)
-        grad = path.apply(D - x, inv_a2, inv_b2)
-        z = randn_like(x)
+        (pr, qr), z = _blocks(path, D - x), randn_like(x)
+        pz, qz = _blocks(path, z)
+        # score g = M^-1 (D - x): P g = P(D - x)/a^2, P_perp g = P_perp(D - x)/b^2.
+        pg = None if pr is None else pr * _bcast(inv_a2, x)
+        qg = qr * _bcast(inv_b2, x)
         if eps_a is None:                     # the rule at the run's first step sets its step size (docstring)
-            eps_a, eps_b = snr_step_sizes(path, grad, z, snr)
+            eps_a, eps_b = _rule(_sq(pz, x), _sq(pg, x), snr), _rule(_sq(qz, x), _sq(qg, x), snr)
         if callback is not None:
             callback(dict(j=j, x=x, denoised=D, eps_a=eps_a, eps_b=eps_b))
-        x = x + path.apply(grad, eps_a, eps_b) + path.apply(z, (2 * eps_a).sqrt(), (2 * eps_b).sqrt())
+        x = x + _bcast(eps_b, x) * qg + _bcast((2 * eps_b).sqrt(), x) * qz
+        if pg is not None:
+            x = x + _bcast(eps_a, x) * pg + _bcast((2 * eps_a).sqrt(), x) * pz
     return x
 
 
@@ -218,27 +238,33 @@ def aniso_sde(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tens
     lev = path.grid(num_steps, grid, sigma_min, sigma_max, rho)
     den = PathDenoiser(net, path, class_labels)
     record = _recorder(trajectory, seeds, randn_like)
+    # One level for the whole batch on an EDM network: 0-d levels, so that the network sees a 0-d sigma as in EDM's
+    # sampler (a [B] sigma runs the network's float32 embedding on another kernel, which changes the last bits).
+    lv = (lambda v: v[0]) if isinstance(path, SigmaPath) else (lambda v: v)      # noqa: E731
     a, b, sig = lev.a, lev.b, lev.sigma
-    x = path.apply(latents.to(torch.float64), a[:, 0], b[:, 0])
+    x = path.apply(latents.to(torch.float64), lv(a[:, 0]), lv(b[:, 0]))
     for i in range(num_steps):
+        a_i, b_i, a_next, b_next = lv(a[:, i]), lv(b[:, i]), lv(a[:, i + 1]), lv(b[:, i + 1])
         gamma = churn_gamma(sig[:, i], num_steps, S_churn, S_min, S_max)
         _, a_hat, b_hat = churn_levels(net, path, sig[:, i], a[:, i], b[:, i], gamma)
+        a_hat, b_hat = lv(a_hat), lv(b_hat)
         x_hat = x
         if S_churn > 0:
             eps = randn_like(x)
-            x_hat = x + path.apply(eps, S_noise * (a_hat.square() - a[:, i].square()).clamp_min(0).sqrt(),
-                                   S_noise * (b_hat.square() - b[:, i].square()).clamp_min(0).sqrt())
+            x_hat = x + path.apply(eps, S_noise * (a_hat.square() - a_i.square()).clamp_min(0).sqrt(),
+                                   S_noise * (b_hat.square() - b_i.square()).clamp_min(0).sqrt())
         f = den.flow(x_hat, a_hat, b_hat)
-        da, db = a[:, i + 1] - a_hat, b[:, i + 1] - b_hat
+        da, db = a_next - a_hat, b_next - b_hat
         x_next = x_hat - path.apply(f, da, db)
         if record is not None or callback is not None:
             denoised = den.denoised_from_flow(x_hat, f, a_hat, b_hat)
             if record is not None:
                 record(denoised)
             if callback is not None:
-                callback(dict(i=i, x=x_hat, denoised=denoised, a=a[:, i], b=b[:, i], a_hat=a_hat, b_hat=b_hat))
+                callback(dict(i=i, x=x_hat, denoised=denoised, a=a[:, i], b=b[:, i], a_hat=path.levels(a_hat),
+                              b_hat=path.levels(b_hat)))
         if i < num_steps - 1:
-            x_next = x_hat - path.apply((f + den.flow(x_next, a[:, i + 1], b[:, i + 1])) / 2, da, db)
+            x_next = x_hat - path.apply((f + den.flow(x_next, a_next, b_next)) / 2, da, db)
         x = x_next
     if record is not None:
         record.save(x)
@@ -287,12 +313,8 @@ def pc(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = N
         raise ValueError(f'corrector_steps must be an integer >= 0, got {corrector_steps}')
     if not snr > 0:
         raise ValueError(f'snr must be > 0, got {snr}')
-    path = noise_path(net, class_labels, latents)
-    lev = path.grid(num_steps, grid, sigma_min, sigma_max, rho)
-    den = PathDenoiser(net, path, class_labels)
-    record = _recorder(trajectory, seeds, randn_like)
-    a, b = lev.a, lev.b
-    x = path.apply(latents.to(torch.float64), a[:, 0], b[:, 0])
+    path, den, a, b, x, record = start_on_grid(net, latents, class_labels, randn_like, num_steps, grid, sigma_min,
+                                               sigma_max, rho, trajectory, seeds)
     for i in range(num_steps):
         ai, bi = a[:, i], b[:, i]
         if corrector_steps > 0:
@@ -346,6 +368,9 @@ def _check_sde(net: Any, opts: Any) -> None:
 
 def _check_pc(net: Any, opts: Any) -> None:
     check_options(net, opts, needs_aniso=False, sampler='pc', min_steps=1)
+    if _opt(opts, 'snr') is not None and _opt(opts, 'corrector_steps', 1) == 0:
+        raise click.ClickException('--snr sets the corrector\'s step size: it needs --corrector-steps >= 1 '
+                                   '(--corrector-steps=0 runs the reverse SDE alone)')
 
 
 SAMPLER_ENTRIES: list = [] if SamplerEntry is None else [

@@ -85,13 +85,13 @@ def test_reference_solve_converges_and_term_is_the_heun_local_error():
     assert 16 < vals[0] / vals[1] < 64                                                # 2^5 = 32
 
 
-@pytest.mark.parametrize('stage', [1, 2])
-def test_theta_gradient_matches_finite_difference(stage):
+@pytest.mark.parametrize('stage, metric', [(1, 'denoiser'), (2, 'denoiser'), (2, 'data')])
+def test_theta_gradient_matches_finite_difference(stage, metric):
     """Autograd through the error term equals a central finite difference of the term (mixture oracle, float64)."""
     net = G.random_knot_oracle(_mixture(), seed=5)
     if stage == 1:
         net.schedule_h = net.schedule_g
-    disc = DiscTerm(weight=0.7, steps='3-7', substeps=3)
+    disc = DiscTerm(weight=0.7, steps='3-7', substeps=3, metric=metric, k_power=2.0)
     x0 = _mixture().sample(6, torch.Generator().manual_seed(3))
     k, j, eps = _draws(disc, 6)
     j[0] = k[0] - 1                                                                  # one last step for sure
@@ -208,9 +208,11 @@ def test_configure_objective():
     assert kw.class_name == 'edm_aniso.disc_loss.EnergyDiscLoss'
     assert kw.energy == dict(class_name='edm_aniso.loss.AnisoStage2Loss', kappa=0.5, probes=1, estimator_every=1)
     assert kw.disc_weight == 0.3 and kw.disc_steps == [4, 9] and kw.disc_substeps == 4 and kw.disc_detach_net
+    assert kw.disc_metric == 'denoiser' and kw.disc_k_power == 3.0
     loss = dnnlib.util.construct_class_by_name(**kw)
     assert isinstance(loss.energy, AnisoStage2Loss) and loss.energy.kappa == 0.5 and loss.disc.steps == (4, 9)
-    c1 = _config(objective='energy+disc', disc_detach_net=False)
+    c1 = _config(objective='energy+disc', disc_detach_net=False, disc_metric='data', disc_k_power=0.0)
+    assert c1.loss_kwargs.disc_metric == 'data' and c1.loss_kwargs.disc_k_power == 0.0
     assert c1.loss_kwargs.energy['class_name'] == 'edm_aniso.loss.AnisoStage1Loss'
     assert c1.loss_kwargs.disc_steps == [5, 18] and c1.loss_kwargs.disc_weight == 1.0
     assert not c1.loss_kwargs.disc_detach_net
@@ -219,6 +221,7 @@ def test_configure_objective():
 @pytest.mark.parametrize('opts, message', [
     (dict(disc_weight=1.0), '--disc-weight applies only to --objective=energy\\+disc'),
     (dict(objective='energy', disc_steps='5'), '--disc-steps applies only'),
+    (dict(disc_metric='data'), '--disc-metric applies only'),
     (dict(objective='energy+disc', disc_steps='9-3'), '--disc-steps'),
     (dict(objective='energy+disc', disc_steps='five'), '--disc-steps'),
 ])
@@ -250,7 +253,7 @@ def test_energy_disc_two_ranks_equal_one_process(tmp_path):
                     network_kwargs=dict(class_name='edm_aniso.precond.AnisoPrecond', stage=2, subspace='dct',
                                         per_class=True, model_type='SongUNet', model_channels=8, channel_mult=[1, 2],
                                         num_blocks=1, attn_resolutions=[], dropout=0.0),
-                    loss_kwargs=dict(class_name='disc_deterministic.DeterministicDiscLoss', disc_weight=1e-3,
+                    loss_kwargs=dict(class_name='disc_deterministic.DeterministicDiscLoss', disc_weight=1e-5,
                                      disc_steps=[3, 6], disc_substeps=2),
                     optimizer_kwargs=dict(class_name='torch.optim.SGD', lr=300.0),
                     schedule_optimizer_kwargs=dict(class_name='torch.optim.SGD', lr=100.0),
@@ -284,3 +287,15 @@ def test_energy_disc_two_ranks_equal_one_process(tmp_path):
     for group in moved:
         assert moved[group] > 1e-3, (group, moved[group])
         assert apart[group] < 1e-4 * moved[group], (group, apart[group], moved[group])
+
+
+def test_energy_disc_loss_pickles_with_its_options():
+    """Snapshots pickle loss_fn (EDM's format): the wrapper and its energy loss round-trip."""
+    import pickle
+    loss = EnergyDiscLoss(dict(class_name='edm_aniso.loss.AnisoStage2Loss', kappa=0.5), disc_weight=0.2,
+                          disc_steps='4-6', disc_metric='data', disc_k_power=1.5)
+    back = pickle.loads(pickle.dumps(loss))
+    assert isinstance(back.energy, AnisoStage2Loss) and back.energy.kappa == 0.5 and back.explicit_grad_sync
+    assert (back.disc.weight, back.disc.steps, back.disc.metric, back.disc.k_power) == (0.2, (4, 6), 'data', 1.5)
+    with pytest.raises(ValueError, match='metric'):
+        DiscTerm(metric='l2')

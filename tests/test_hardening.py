@@ -248,8 +248,8 @@ def test_bad_transfer_is_one_line_before_the_run_folder(finished_run, tmp_path, 
 
 @pytest.mark.parametrize('extra, message', [
     (['--cond=0'], 'label_dim=3, these options give label_dim=0 (check --cond)'),
-    (['--augment=0.2'], 'augment_dim=None, these options give augment_dim=9 (check --augment)'),
-    (['--precond=vp'], 'holds a EDMPrecond network, but these options build VPPrecond (check --precond)'),
+    (['--augment=0.2'], 'augment_dim=0, these options give augment_dim=9 (check --augment)'),
+    (['--precond=vp'], 'holds a network of class EDMPrecond, these options build VPPrecond (check --precond)'),
     (['--cbase=16'], 'model_channels=8, these options give model_channels=16 (check --cbase)'),
 ])
 def test_resume_from_another_configuration_is_one_line(finished_run, tmp_path, extra, message):
@@ -284,6 +284,24 @@ def test_truncated_or_foreign_state_is_one_line(finished_run, tmp_path):
         assert code == 1
         assert message in one_line_error(output)
         assert not out.exists()
+
+
+def test_edm_style_state_with_a_truncated_snapshot_is_one_line(finished_run, tmp_path):
+    """EDM's states carry no EMA: the snapshot beside the state is read, and checked, too."""
+    run_dir, args = finished_run
+    state = torch.load(os.path.join(run_dir, 'training-state-000001.pt'), map_location='cpu', weights_only=False)
+    folder = tmp_path / 'edm'
+    folder.mkdir()
+    torch.save(dict(net=state['net'], optimizer_state=state['optimizer_state']), folder / 'training-state-000001.pt')
+    snap = open(os.path.join(run_dir, 'network-snapshot-000001.pkl'), 'rb').read()
+    (folder / 'network-snapshot-000001.pkl').write_bytes(snap[:len(snap) // 2])
+    out = tmp_path / 'runs'
+    code, output = cli([a for a in args if not a.startswith('--outdir')] + [
+        f'--outdir={out}', f'--resume={folder / "training-state-000001.pt"}', '--duration=0.002'])
+    assert code == 1
+    line = one_line_error(output)
+    assert 'is not a readable network pickle' in line and 'EDM-style state' in line, line
+    assert not out.exists()
 
 
 def test_generate_uses_the_same_loader(tmp_path):
@@ -609,3 +627,43 @@ def test_train_has_a_pg_timeout_option(monkeypatch):
                         (_ for _ in ()).throw(ValueError('stop here')))
     code, output = cli(['--outdir=x', '--data=y', '--pg-timeout=90'])
     assert seen['timeout'] == 90 and code == 1
+
+
+@pytest.mark.slow
+def test_bad_input_under_torchrun_is_one_line_from_rank_0(tmp_path, data_zip):
+    """Rank 0 checks the dataset and prints the line; rank 1 exits quietly (no second line, no traceback of ours)."""
+    bad = _zip_of(tmp_path / 'bad.zip', BAD_DATASETS['mixed-sizes'][0])
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             os.path.join(ROOT, 'train.py'), f'--outdir={tmp_path / "runs"}', f'--data={bad}',
+                             '--duration=0.001', *TINY], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                            timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count('Error: --data:') == 1 and 'all images must have the same size' in output, output[-3000:]
+    assert 'preflight.py' not in output and 'train.py", line' not in output
+    assert not (tmp_path / 'runs').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Also: the newest snapshot without run numbers.
+
+
+def test_latest_snapshot_tool(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    import latest_snapshot
+    for run, files in [('00000-a-edm', ['network-snapshot-000004.pkl', 'training-state-000004.pt']),
+                       ('00001-b-stage1', ['network-snapshot-000002.pkl', 'network-snapshot-000010.pkl',
+                                           'training-state-000002.pt']),
+                       ('00002-c-edm', []),                        # a run that wrote nothing yet
+                       ('notes', ['network-snapshot-000099.pkl'])]:   # not a run folder
+        (tmp_path / run).mkdir()
+        for name in files:
+            (tmp_path / run / name).write_bytes(b'')
+    assert latest_snapshot.latest(str(tmp_path)) == str(tmp_path / '00001-b-stage1' / 'network-snapshot-000010.pkl')
+    assert latest_snapshot.latest(str(tmp_path), desc='-edm') == str(tmp_path / '00000-a-edm' /
+                                                                      'network-snapshot-000004.pkl')
+    assert latest_snapshot.latest(str(tmp_path), kind='state') == str(tmp_path / '00001-b-stage1' /
+                                                                       'training-state-000002.pt')
+    code, output = cli([str(tmp_path / '00002-c-edm')], latest_snapshot.main)
+    assert code == 1 and 'no network-snapshot-*.pkl in' in one_line_error(output)

@@ -64,8 +64,8 @@ def law_stats(x, mean, var):
 @pytest.mark.parametrize('label_dim,stage', [(0, None), (0, 1), (4, 1), (0, 2)])
 def test_aniso_sde_with_g_equal_h_is_edms_stochastic_sampler(label_dim, stage):
     """With g = h, aniso_sde equals generate.edm_sampler with churn, for the same per-seed noise: on the EDM network
-    itself and on AnisoPrecond nets transferred from it (stage 1 with a random learned g, per class for a bank; stage 2
-    on the DCT split with h = g)."""
+    itself (bit for bit) and on AnisoPrecond nets transferred from it (stage 1 with a random learned g, per class for a
+    bank; stage 2 on the DCT split with h = g)."""
     edm = tiny_edm(label_dim)
     net = edm
     if stage is not None:
@@ -88,6 +88,8 @@ def test_aniso_sde_with_g_equal_h_is_edms_stochastic_sampler(label_dim, stage):
     out = aniso_sde(net, z, labels, randn_like=rl, num_steps=6, **CHURN)
     assert ref.dtype == out.dtype == torch.float64
     assert (out - ref).abs().max().item() <= 1e-5
+    if stage is None:
+        assert torch.equal(out, ref)                             # on the EDM network itself: bit for bit
     assert ref.abs().max().item() > 0.05
     z, rl = seeded(seeds, [3, 8, 8])
     no_churn = aniso_sde(net, z, labels, randn_like=rl, num_steps=6)
@@ -97,7 +99,8 @@ def test_aniso_sde_with_g_equal_h_is_edms_stochastic_sampler(label_dim, stage):
 @pytest.mark.parametrize('sampler,opts', [(aniso_sde, dict(S_churn=10)), (pc, dict(corrector_steps=2))])
 @pytest.mark.parametrize('grid', ['karras', 'schedule'])
 def test_an_image_depends_only_on_its_seed(sampler, opts, grid):
-    """Per-class schedule rows (per-sample levels) and per-seed noise: a seed's image is the same alone or in a batch."""
+    """Per-class schedule rows (per-sample levels) and per-seed noise: a seed's image is the same alone or in a
+    batch."""
     net, _ = gaussian_oracle(label_dim=3)
     labels = torch.eye(3)[[2, 0, 1]]
     z, rl = seeded([5, 6, 7], [3, 8, 8])
@@ -108,6 +111,31 @@ def test_an_image_depends_only_on_its_seed(sampler, opts, grid):
     z, rl = seeded([5, 6, 7], [3, 8, 8])
     other = sampler(net, z, labels, randn_like=rl, num_steps=5, grid=grid, **{**opts, 'seeds': None})
     assert torch.equal(batch, other)
+
+
+def test_stage2_class_bank_runs_per_sample():
+    """A stage-2 AnisoPrecond with a per-class bank and h != g: both samplers give finite images that depend on the
+    per-subspace split (not equal to the run with h = g) and, per seed, not on the batch (up to float32 rounding)."""
+    precond = pytest.importorskip('edm_aniso.precond')
+    kw = dict(TINY, label_dim=3)
+    del kw['model_type']
+    net = precond.AnisoPrecond(stage=2, per_class=True, subspace='dct', model_type='SongUNet', **kw).eval()
+    net.transfer_from(tiny_edm(3))
+    iso = precond.AnisoPrecond(stage=2, per_class=True, subspace='dct', model_type='SongUNet', **kw).eval()
+    iso.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        net.schedule_h.u.add_(0.5 * torch.randn(net.schedule_h.u.shape, generator=torch.Generator().manual_seed(9)))
+    labels = torch.eye(3)[[2, 0]]
+    for sampler, opts in [(aniso_sde, dict(S_churn=10)), (pc, dict(corrector_steps=1))]:
+        z, rl = seeded([1, 2], [3, 8, 8])
+        out = sampler(net, z, labels, randn_like=rl, num_steps=3, **opts)
+        z, rl = seeded([2], [3, 8, 8])
+        alone = sampler(net, z, labels[1:], randn_like=rl, num_steps=3, **opts)
+        z, rl = seeded([1, 2], [3, 8, 8])
+        same = sampler(iso, z, labels, randn_like=rl, num_steps=3, **opts)
+        assert bool(torch.isfinite(out).all())
+        assert (out[1:] - alone).abs().max().item() <= 1e-3       # float32 convolutions: batch-size rounding
+        assert (out - same).abs().max().item() > 1e-3
 
 
 def test_nfe_counts():
@@ -301,6 +329,7 @@ def cli(args):
     (['--sampler=aniso_sde', '--S_churn=-1'], "Invalid value for '--S_churn'"),
     (['--sampler=aniso_sde', '--S_min=5', '--S_max=1'], '--S_min must not exceed --S_max'),
     (['--sampler=pc', '--grid=schedule'], '--grid=schedule needs a network with a learned schedule'),
+    (['--sampler=pc', '--corrector-steps=0', '--snr=0.1'], '--snr sets the corrector\'s step size'),
     (['--sampler=aniso_sde', '--sigma_min=5', '--sigma_max=1'], '--sigma_min < --sigma_max'),
 ])
 def test_cli_bad_options(tmp_path, net_pkl, args, message):
@@ -321,3 +350,20 @@ def test_cli_writes_images_and_lists_options(tmp_path, net_pkl):
     res = cli(['--help'])
     assert 'Options of --sampler=edm|aniso_sde' in res.output and 'Options of --sampler=pc' in res.output
     assert res.output.count('--S_churn') == 1 and '--corrector-steps' in res.output and '--snr' in res.output
+
+
+def test_cli_images_do_not_depend_on_batch_size(tmp_path, net_pkl):
+    """Through generate.py: the same seeds give the same PNGs with --batch=1 and --batch=3 (per-seed noise)."""
+    import numpy as np
+    import PIL.Image
+    for args in (['--sampler=aniso_sde', '--S_churn=10'], ['--sampler=pc', '--corrector-steps=1']):
+        outs = []
+        for batch in (1, 3):
+            out = tmp_path / f'{args[0].split("=")[1]}-{batch}'
+            res = cli([f'--network={net_pkl}', f'--outdir={out}', '--seeds=0-2', '--steps=3', f'--batch={batch}',
+                       '--device=cpu'] + args)
+            assert res.exit_code == 0, res.output
+            outs.append([np.asarray(PIL.Image.open(out / f'{s:06d}.png')) for s in range(3)])
+        for one, three in zip(*outs):
+            assert np.array_equal(one, three)
+        assert not np.array_equal(outs[0][0], outs[0][1])

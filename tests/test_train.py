@@ -533,7 +533,8 @@ def edm_style_state(folder, args, options, **extra):
                                               img_channels=3, label_dim=0)
     state = folder / 'training-state-000001.pt'
     torch.save(dict(net=net, optimizer_state={}, **extra), state)
-    (folder / 'network-snapshot-000001.pkl').write_bytes(b'')
+    with open(folder / 'network-snapshot-000001.pkl', 'wb') as f:
+        pickle.dump(dict(ema=net), f)
     return state
 
 

@@ -24,7 +24,7 @@ import pickle
 import re
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
 import click
@@ -89,7 +89,6 @@ class DatasetSummary:
     resolution: int
     labels: str                 # 'none', 'classes' or 'vectors'
     seconds: float              # wall time of the scan
-    names: list = field(default_factory=list, repr=False)
 
 
 class _Source:
@@ -135,6 +134,9 @@ def _image_header(source: _Source, name: str) -> tuple[int, int, str]:
                 size, mode, fmt = im.size, im.mode, im.format
                 if fmt == 'PNG':
                     im.verify()
+    except PIL.UnidentifiedImageError:
+        raise click.ClickException(f'--data: cannot read image {source.where(name)} (not a recognised image file: '
+                                   f'corrupt, truncated or misnamed)')
     except (OSError, SyntaxError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise click.ClickException(f'--data: cannot read image {source.where(name)} ({_first_line(err)})')
     return size[0], size[1], mode
@@ -222,7 +224,7 @@ def scan_dataset(path: str, progress: bool = True) -> DatasetSummary:
         source.close()
     assert first is not None
     return DatasetSummary(path=path, num_images=len(images), channels=IMAGE_MODES[first[1]], resolution=first[0],
-                          labels=labels, seconds=time.time() - start, names=images)
+                          labels=labels, seconds=time.time() - start)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -321,8 +323,8 @@ def check_resume(state: dict, path: str, c: dnnlib.EasyDict, summary: DatasetSum
     old = state['net']
     want_class = c.network_kwargs.class_name.split('.')[-1]
     if _class_name(old) != want_class:
-        raise click.ClickException(f'--resume: {path} holds a {_class_name(old)} network, but these options build '
-                                   f'{want_class} (check --precond)')
+        raise click.ClickException(f'--resume: {path} holds a network of class {_class_name(old)}, '
+                                   f'these options build {want_class} (check --precond)')
     recorded = getattr(old, 'init_kwargs', None)
     if isinstance(recorded, dict):
         wanted = dict(c.network_kwargs, img_resolution=summary.resolution, img_channels=summary.channels,
@@ -332,9 +334,11 @@ def check_resume(state: dict, path: str, c: dnnlib.EasyDict, summary: DatasetSum
             if key in RESUME_FREE_KWARGS:
                 continue
             a, b = recorded.get(key), wanted.get(key)
+            if key == 'augment_dim':
+                a, b = a or 0, b or 0
             if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
                 a, b = list(a), list(b)
-            if a != b and not (key == 'augment_dim' and not a and not b):
+            if a != b:
                 option = KWARG_OPTIONS.get(key, f'the option that sets {key}')
                 raise click.ClickException(f'--resume: {path} was trained with {key}={a!r}, these options give '
                                            f'{key}={b!r} (check {option})')
@@ -365,13 +369,15 @@ def check_outdir(outdir: str) -> None:
 
 
 # `.<final name>.<random>.tmp` as dnnlib.util.atomic_write names its temporary files, for the files a run writes.
-TEMP_NAME = re.compile(r'\.(network-snapshot-\d+\.pkl|training-state-\d+\.pt|training_options\.json)\.[^.]+\.tmp')
+TEMP_NAME = re.compile(r'\.(network-snapshot-\d+\.pkl|training-state-\d+\.pt|training_options\.json|'
+                       r'pca-bases-.+-k\d+\.pt)\.[a-z0-9_]+\.tmp')
 
 
 def remove_stale_temps(folder: str, min_age_s: float = 60) -> list[str]:
     """Delete the temporary files of interrupted atomic writes of a run folder; returns their paths.
 
-    Only files named like the run's own (snapshots, states, training_options.json) and untouched for `min_age_s`
+    Only files named like the run's own (snapshots, states, training_options.json, the plugin's automatic PCA bases in
+    --outdir) and untouched for `min_age_s`
     seconds are removed, so that a write still in progress elsewhere is left alone."""
     removed: list[str] = []
     if not os.path.isdir(folder):
