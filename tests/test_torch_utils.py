@@ -2,6 +2,7 @@
 processes)."""
 
 import itertools
+import math
 import os
 import socket
 import sys
@@ -359,3 +360,20 @@ def _two_rank_worker(rank, port, world_size):
 def test_two_process_gloo():
     world_size = 2
     torch.multiprocessing.spawn(_two_rank_worker, args=(_free_port(), world_size), nprocs=world_size, join=True)
+
+
+def test_training_stats_reset_forgets_an_earlier_nan():
+    """A NaN reported by an earlier run poisons the cumulative totals; reset() (called at the start of every
+    training_loop) lets the next run's intervals read finite again."""
+    from torch_utils import training_stats as ts
+    ts.reset()
+    ts.report('Test/reset_loss', [float('nan'), 1.0])
+    ts.default_collector.update()
+    ts.report('Test/reset_loss', [2.0, 4.0])
+    ts.default_collector.update()
+    assert math.isnan(ts.default_collector.mean('Test/reset_loss'))       # the poisoned totals, without reset
+    ts.reset()
+    ts.report('Test/reset_loss', [2.0, 4.0])
+    ts.default_collector.update()
+    assert ts.default_collector.mean('Test/reset_loss') == 3.0 and ts.default_collector.num('Test/reset_loss') == 2
+    ts.reset()

@@ -100,6 +100,17 @@ def _sync(names: list[str]) -> list[tuple[str, torch.Tensor]]:
     return [(name, _cumulative[name]) for name in names]
 
 
+def reset() -> None:
+    """Forget every statistic and the default collector's interval, so that a new run in this process starts from zero.
+
+    The totals are cumulative, so one non-finite value reported by an earlier run in the same process would otherwise
+    make every later interval's mean NaN. Collectors other than `default_collector` should be created after it."""
+    _counters.clear()
+    _cumulative.clear()
+    default_collector._seen.clear()
+    default_collector._moments.clear()
+
+
 class Collector:
     """Mean, std and count of each reported statistic over the interval between the last two `update()` calls.
 

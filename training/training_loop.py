@@ -366,8 +366,7 @@ def training_loop(
     maintenance_time = tick_start_time - start_time
     dist.update_progress(int(cur_nimg // 1000), total_kimg)
     stats_jsonl = None
-    training_stats.default_collector.update()   # the first tick counts only this run's reports (a run that stopped
-                                                # mid-tick earlier in this process may have left some behind)
+    training_stats.reset()      # this run's statistics only (an earlier run in this process may have left some behind)
     lrs = [0.0 for _ in optimizers]
     while True:
         # Accumulate gradients.
