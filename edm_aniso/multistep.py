@@ -124,7 +124,7 @@ def _run(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tensor], 
 
     ``step(path, x, D, hist, a, b, i)`` returns (x_{i+1}, v_i), v_i what later steps need of level i (D_i, or
     D_i - x_i); ``hist`` lists the (v_j, a_j, b_j) of the earlier levels, newest first (at most three)."""
-    path, den, a, b, x, record = start_on_grid(net, latents, class_labels, randn_like, num_steps, grid, sigma_min,
+    path, den, a, b, x, record, _ = start_on_grid(net, latents, class_labels, randn_like, num_steps, grid, sigma_min,
                                                sigma_max, rho, trajectory, seeds)
     hist: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for i in range(num_steps):

@@ -83,6 +83,7 @@ class GridStart(NamedTuple):
     b: torch.Tensor                 # [B, N+1] levels on P_perp
     x: torch.Tensor                 # x_0 = M_0^{1/2} z, float64
     record: Optional[TrajectoryRecorder]
+    sigma: torch.Tensor             # [B, N+1] the effective levels of the grid (Grid.sigma)
 
 
 def start_on_grid(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tensor], randn_like: Any,
@@ -94,7 +95,7 @@ def start_on_grid(net: Any, latents: torch.Tensor, class_labels: Optional[torch.
     lev = path.grid(num_steps, grid, sigma_min, sigma_max, rho)
     x = path.apply(latents.to(torch.float64), lev.a[:, 0], lev.b[:, 0])
     return GridStart(path, PathDenoiser(net, path, class_labels), lev.a, lev.b, x,
-                     _recorder(trajectory, seeds, randn_like))
+                     _recorder(trajectory, seeds, randn_like), lev.sigma)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def aniso_heun(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Ten
     x' = x_i - Delta f(x_i; M_i); unless i = N - 1, x_{i+1} = x_i - Delta (f(x_i; M_i) + f(x'; M_{i+1}))/2.
     Start x_0 = M_0^{1/2} z. On an EDM network (a = b = sigma) every step is EDM's deterministic Heun step.
     """
-    path, den, a, b, x, record = start_on_grid(net, latents, class_labels, randn_like, num_steps, grid, sigma_min,
+    path, den, a, b, x, record, _ = start_on_grid(net, latents, class_labels, randn_like, num_steps, grid, sigma_min,
                                                sigma_max, rho, trajectory, seeds)
     for i in range(num_steps):
         f = den.flow(x, a[:, i], b[:, i])

@@ -73,8 +73,8 @@ from typing import Any, Callable, Optional, Union
 import click
 import torch
 
-from edm_aniso.path import NoisePath, PathDenoiser, SigmaPath, noise_path
-from edm_aniso.sampler import GRID_OPTION, TRAJECTORY_OPTION, _opt, _recorder, check_options, start_on_grid
+from edm_aniso.path import NoisePath, SigmaPath
+from edm_aniso.sampler import GRID_OPTION, TRAJECTORY_OPTION, _opt, check_options, start_on_grid
 
 try:
     from training import registry as _registry
@@ -234,15 +234,11 @@ def aniso_sde(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tens
         raise ValueError(f'num_steps must be >= 1, got {num_steps}')
     if S_churn < 0 or S_min < 0 or S_max < 0:
         raise ValueError(f'S_churn, S_min and S_max must be >= 0, got {S_churn}, {S_min}, {S_max}')
-    path = noise_path(net, class_labels, latents)
-    lev = path.grid(num_steps, grid, sigma_min, sigma_max, rho)
-    den = PathDenoiser(net, path, class_labels)
-    record = _recorder(trajectory, seeds, randn_like)
+    path, den, a, b, x, record, sig = start_on_grid(net, latents, class_labels, randn_like, num_steps, grid,
+                                                    sigma_min, sigma_max, rho, trajectory, seeds)
     # One level for the whole batch on an EDM network: 0-d levels, so that the network sees a 0-d sigma as in EDM's
     # sampler (a [B] sigma runs the network's float32 embedding on another kernel, which changes the last bits).
     lv = (lambda v: v[0]) if isinstance(path, SigmaPath) else (lambda v: v)      # noqa: E731
-    a, b, sig = lev.a, lev.b, lev.sigma
-    x = path.apply(latents.to(torch.float64), lv(a[:, 0]), lv(b[:, 0]))
     for i in range(num_steps):
         a_i, b_i, a_next, b_next = lv(a[:, i]), lv(b[:, i]), lv(a[:, i + 1]), lv(b[:, i + 1])
         gamma = churn_gamma(sig[:, i], num_steps, S_churn, S_min, S_max)
@@ -313,7 +309,7 @@ def pc(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tensor] = N
         raise ValueError(f'corrector_steps must be an integer >= 0, got {corrector_steps}')
     if not snr > 0:
         raise ValueError(f'snr must be > 0, got {snr}')
-    path, den, a, b, x, record = start_on_grid(net, latents, class_labels, randn_like, num_steps, grid, sigma_min,
+    path, den, a, b, x, record, _ = start_on_grid(net, latents, class_labels, randn_like, num_steps, grid, sigma_min,
                                                sigma_max, rho, trajectory, seeds)
     for i in range(num_steps):
         ai, bi = a[:, i], b[:, i]
