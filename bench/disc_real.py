@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
 import sys
 import time
 
@@ -24,43 +23,28 @@ import click
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # toy_runs
+sys.path.insert(0, ROOT)                                          # first: likelihood.py is the CLI's
 
+from toy_runs import TOY, newest_snapshot, run, toy_dataset  # noqa: E402
 from edm_aniso import gaussian as G       # noqa: E402
 from edm_aniso.sampler import aniso_heun  # noqa: E402
 
 STEPS = [3, 4, 5, 6, 8, 10, 13, 18]
 FINE = 128
-TOY = ['--cond=1', '--arch=ddpmpp', '--cbase=16', '--cres=1,2', '--batch=32', '--tick=1', '--snap=2', '--seed=1']
 
 
 def log(s: str) -> None:
     print(s, file=sys.stderr, flush=True)
 
 
-def run(cmd: list[str], cwd: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable] + cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f'{" ".join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}')
-
-
 def has_snapshot(folder: str) -> bool:
     return os.path.isdir(folder) and any(f.startswith('network-snapshot-') for f in os.listdir(folder))
 
 
-def newest(folder: str) -> str:
-    snaps = sorted(f for f in os.listdir(folder) if f.startswith('network-snapshot-') and f.endswith('.pkl'))
-    return os.path.join(folder, snaps[-1])
-
-
 def train_all(workdir: str, kimg: float, edm_kimg: float) -> tuple[str, dict[str, str]]:
     os.makedirs(workdir, exist_ok=True)
-    data = os.path.join(workdir, 'toy-16x16.zip')
-    if not os.path.exists(data):
-        run([os.path.join(ROOT, 'tools', 'make_toy_images.py'), '--dest=toy-images', '--num=256', '--res=16',
-             '--classes=4'], workdir)
-        run([os.path.join(ROOT, 'dataset_tool.py'), '--source=toy-images', f'--dest={data}'], workdir)
+    data = toy_dataset(workdir)
     train = os.path.join(ROOT, 'train.py')
     edm = os.path.join(workdir, 'edm')
     if not has_snapshot(edm):
@@ -75,14 +59,14 @@ def train_all(workdir: str, kimg: float, edm_kimg: float) -> tuple[str, dict[str
     for obj, extra in (('energy', ['--objective=energy']), ('disc', ['--objective=energy+disc', '--disc-steps=3-18'])):
         for stage in (1, 2):
             folder = os.path.join(workdir, f'{obj}-s{stage}')
-            src = newest(edm) if stage == 1 else newest(os.path.join(workdir, f'{obj}-s1'))
+            src = newest_snapshot(edm) if stage == 1 else newest_snapshot(os.path.join(workdir, f'{obj}-s1'))
             if not has_snapshot(folder):
                 t0 = time.time()
                 run([train, f'--outdir={folder}', *common, f'--stage={stage}', f'--transfer={src}', *extra]
                     + (['--subspace=dct'] if stage == 2 else []), workdir)
                 log(f'{obj} stage {stage} trained ({time.time() - t0:.0f} s wall)')
-            out[f'{obj} s{stage}'] = newest(folder)
-    return data, {'EDM': newest(edm), **out}
+            out[f'{obj} s{stage}'] = newest_snapshot(folder)
+    return data, {'EDM': newest_snapshot(edm), **out}
 
 
 def load(pkl: str) -> torch.nn.Module:

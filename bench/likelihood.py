@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -24,8 +23,10 @@ import click
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # toy_runs
+sys.path.insert(0, ROOT)                                          # first: likelihood.py is the CLI's
 
+from toy_runs import TOY, newest_snapshot, run, toy_dataset  # noqa: E402
 from edm_aniso import gaussian as G                           # noqa: E402
 from edm_aniso.likelihood import bits_per_dim, elbo_nll, ode_nll, rademacher   # noqa: E402
 from edm_aniso.path import noise_path                         # noqa: E402
@@ -77,31 +78,13 @@ def exact_gaussian_rows(num: int) -> list[list[str]]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Part 2: the quick-start models.
 
-TOY = ['--cond=1', '--arch=ddpmpp', '--cbase=16', '--cres=1,2', '--batch=32', '--tick=1', '--snap=2', '--seed=1']
-
-
-def run(cmd: list[str], cwd: str) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable] + cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f'{" ".join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}')
-
-
-def newest_snapshot(folder: str) -> str:
-    snaps = sorted(f for f in os.listdir(folder) if f.startswith('network-snapshot-') and f.endswith('.pkl'))
-    return os.path.join(folder, snaps[-1])
-
 
 def train_quickstart(workdir: str) -> tuple[str, str, str, float]:
     """The README's toy quick start, one process: EDM (6 kimg), stage 1 (2 kimg), stage 2 (2 kimg). Returns the two
     pickles, the dataset and the training wall time."""
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
-    data = os.path.join(workdir, 'toy-16x16.zip')
-    if not os.path.exists(data):
-        run([os.path.join(ROOT, 'tools', 'make_toy_images.py'), '--dest=toy-images', '--num=256', '--res=16',
-             '--classes=4'], workdir)
-        run([os.path.join(ROOT, 'dataset_tool.py'), '--source=toy-images', f'--dest={data}'], workdir)
+    data = toy_dataset(workdir)
     train = os.path.join(ROOT, 'train.py')
     runs = {k: os.path.join(workdir, k) for k in ('edm', 'stage1', 'stage2')}
     if not os.path.isdir(runs['edm']):
