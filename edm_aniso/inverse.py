@@ -36,6 +36,7 @@ import torch
 
 from edm_aniso import stochastic
 from edm_aniso.path import GRID_KINDS, PathDenoiser, noise_path
+from edm_aniso.sampler import heun_step
 from edm_aniso.subspace import DCTSubspace
 
 TASKS = ('inpaint', 'colorize', 'superres')
@@ -314,12 +315,7 @@ def solve_inverse(
             x = stochastic.reverse_sde_step(path, x, den(x, *level), *level, a[:, i + 1], b[:, i + 1],
                                             None if last else randn_like(x))
         else:
-            f = den.flow(x, *level)
-            da, db = a[:, i + 1] - a[:, i], b[:, i + 1] - b[:, i]
-            x_next = x - path.apply(f, da, db)
-            if not last:
-                x_next = x - path.apply((f + den.flow(x_next, a[:, i + 1], b[:, i + 1])) / 2, da, db)
-            x = x_next
+            x = heun_step(den, path, x, den.flow(x, *level), *level, a[:, i + 1], b[:, i + 1], last)
         x = replace(x, i + 1)
         if callback is not None:
             callback(dict(i=i, x=x, a=a[:, i + 1], b=b[:, i + 1], nfe=den.calls))

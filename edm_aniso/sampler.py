@@ -98,6 +98,18 @@ def start_on_grid(net: Any, latents: torch.Tensor, class_labels: Optional[torch.
                      _recorder(trajectory, seeds, randn_like), lev.sigma)
 
 
+def heun_step(den: PathDenoiser, path: NoisePath, x: torch.Tensor, f: torch.Tensor, a0: torch.Tensor,
+              b0: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, last: bool) -> torch.Tensor:
+    """One per-subspace Heun step from (a0, b0) to (a1, b1) (method.md §6), given f = den.flow(x, a0, b0):
+    Delta = (a1 - a0) P + (b1 - b0) P_perp, x' = x - Delta f; unless ``last``, x - Delta (f + f(x'; M1)) / 2
+    (the last step stays Euler). Shared by aniso_heun, aniso_sde and the inverse-problem solver."""
+    da, db = a1 - a0, b1 - b0
+    x_next = x - path.apply(f, da, db)
+    if not last:
+        x_next = x - path.apply((f + den.flow(x_next, a1, b1)) / 2, da, db)
+    return x_next
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # aniso_heun.
 
@@ -125,17 +137,13 @@ def aniso_heun(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Ten
                                                sigma_max, rho, trajectory, seeds)
     for i in range(num_steps):
         f = den.flow(x, a[:, i], b[:, i])
-        da, db = a[:, i + 1] - a[:, i], b[:, i + 1] - b[:, i]
-        x_next = x - path.apply(f, da, db)
         if record is not None or callback is not None:
             denoised = den.denoised_from_flow(x, f, a[:, i], b[:, i])
             if record is not None:
                 record(denoised)
             if callback is not None:
                 callback(dict(i=i, x=x, denoised=denoised, a=a[:, i], b=b[:, i]))
-        if i < num_steps - 1:
-            x_next = x - path.apply((f + den.flow(x_next, a[:, i + 1], b[:, i + 1])) / 2, da, db)
-        x = x_next
+        x = heun_step(den, path, x, f, a[:, i], b[:, i], a[:, i + 1], b[:, i + 1], i == num_steps - 1)
     if record is not None:
         record.save(x)
     return x

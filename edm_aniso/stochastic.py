@@ -74,7 +74,7 @@ import click
 import torch
 
 from edm_aniso.path import NoisePath, SigmaPath
-from edm_aniso.sampler import GRID_OPTION, TRAJECTORY_OPTION, _opt, check_options, start_on_grid
+from edm_aniso.sampler import GRID_OPTION, TRAJECTORY_OPTION, _opt, check_options, heun_step, start_on_grid
 
 try:
     from training import registry as _registry
@@ -250,8 +250,6 @@ def aniso_sde(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tens
             x_hat = x + path.apply(eps, S_noise * (a_hat.square() - a_i.square()).clamp_min(0).sqrt(),
                                    S_noise * (b_hat.square() - b_i.square()).clamp_min(0).sqrt())
         f = den.flow(x_hat, a_hat, b_hat)
-        da, db = a_next - a_hat, b_next - b_hat
-        x_next = x_hat - path.apply(f, da, db)
         if record is not None or callback is not None:
             denoised = den.denoised_from_flow(x_hat, f, a_hat, b_hat)
             if record is not None:
@@ -259,9 +257,7 @@ def aniso_sde(net: Any, latents: torch.Tensor, class_labels: Optional[torch.Tens
             if callback is not None:
                 callback(dict(i=i, x=x_hat, denoised=denoised, a=a[:, i], b=b[:, i], a_hat=path.levels(a_hat),
                               b_hat=path.levels(b_hat)))
-        if i < num_steps - 1:
-            x_next = x_hat - path.apply((f + den.flow(x_next, a_next, b_next)) / 2, da, db)
-        x = x_next
+        x = heun_step(den, path, x_hat, f, a_hat, b_hat, a_next, b_next, i == num_steps - 1)
     if record is not None:
         record.save(x)
     return x
