@@ -17,22 +17,10 @@ from edm_aniso import gaussian as G
 from edm_aniso.multistep import CLASSICAL_AB, SAMPLER_ENTRIES, ab_weights, dpmpp_2m, dpmpp_3m, ipndm
 from edm_aniso.path import edm_sigma_grid, noise_path
 from edm_aniso.schedule import KnotSchedule
+from tiny_nets import TINY, tiny_edm
 
 SAMPLERS = {'dpmpp_2m': dpmpp_2m, 'dpmpp_3m': dpmpp_3m, 'ipndm': ipndm}
 ORDERS = {'dpmpp_2m': 2, 'dpmpp_3m': 3, 'ipndm': 4}
-TINY = dict(img_resolution=8, img_channels=3, model_type='SongUNet', model_channels=16, channel_mult=[1, 2],
-            num_blocks=1, attn_resolutions=[])
-
-
-def tiny_edm(label_dim=0, seed=0):
-    networks = pytest.importorskip('training.networks')
-    torch.manual_seed(seed)
-    net = networks.EDMPrecond(label_dim=label_dim, **TINY).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))   # make the zero-initialised output layers matter
-    return net
 
 
 def knot_schedules(scale, seed):

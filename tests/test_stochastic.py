@@ -13,21 +13,9 @@ import generate
 from edm_aniso import gaussian as G
 from edm_aniso.path import PathDenoiser, noise_path
 from edm_aniso.stochastic import aniso_sde, langevin_correct, pc, snr_step_sizes
+from tiny_nets import TINY, tiny_edm
 
-TINY = dict(img_resolution=8, img_channels=3, model_type='SongUNet', model_channels=16, channel_mult=[1, 2],
-            num_blocks=1, attn_resolutions=[])
 CHURN = dict(S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)      # EDM's ImageNet setting
-
-
-def tiny_edm(label_dim=0, seed=0):
-    networks = pytest.importorskip('training.networks')
-    torch.manual_seed(seed)
-    net = networks.EDMPrecond(label_dim=label_dim, **TINY).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))   # make the zero-initialised output layers matter
-    return net
 
 
 def seeded(seeds, shape):
