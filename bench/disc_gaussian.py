@@ -47,6 +47,10 @@ STEPS = [3, 4, 5, 6, 8, 10, 13, 18]
 KAPPA = 1.0
 REF_STEPS = 128
 DISC = dict(disc_weight=1.0, disc_steps=[3, 18], disc_substeps=8, disc_k_power=3.0, disc_metric='denoiser')
+# The whole-solve variant (--disc-span=all): K-power 4 balances its K^-4 fall over the range; 4 reference substeps.
+SOLVE = dict(DISC, disc_k_power=4.0, disc_span='all', disc_substeps=4)
+OBJECTIVES = (('energy', None), ('disc', DISC), ('disc-all', SOLVE))
+HEADLINE = 'disc-all'      # the stage-2 row the done-when checks read
 
 
 def log(s: str) -> None:
@@ -190,19 +194,20 @@ def detached_stage2(dist, mask: torch.Tensor, s1: KnotSchedule, steps: int, batc
     g2.load_rows_from(s1)
     h2.load_rows_from(s1)
     net = DetachedOracle(dist, subspace=G.MaskedDCTSubspace(mask), schedule_g=g2, schedule_h=h2)
-    loss = EnergyDiscLoss(dict(class_name='edm_aniso.loss.AnisoStage2Loss', kappa=KAPPA), **DISC)
+    loss = EnergyDiscLoss(dict(class_name='edm_aniso.loss.AnisoStage2Loss', kappa=KAPPA), **dict(OBJECTIVES)[HEADLINE])
     first, last, cpu = train(net, dist, loss, [g2.u, h2.u], steps, 1e-2, batch, seed=2)
-    log(f'  {tag} disc s2 (conditioning detached): {steps} steps, loss {first:.4g} -> {last:.4g} ({cpu:.0f} CPU s)')
+    log(f'  {tag} {HEADLINE} s2 (conditioning detached): {steps} steps, loss {first:.4g} -> {last:.4g} '
+        f'({cpu:.0f} CPU s)')
     return g2, h2
 
 
 def schedules(dist, mask: torch.Tensor, steps: int, batch: int, tag: str) -> dict[str, tuple]:
-    """energy s1, energy s2 (from energy s1), disc s1, disc s2 (from disc s1): (g, h) KnotSchedules."""
+    """For each objective of OBJECTIVES: s1, then s2 from that s1: (g, h) KnotSchedules."""
     sub = G.MaskedDCTSubspace(mask)
     out = {}
     e1 = dict(class_name='edm_aniso.loss.AnisoStage1Loss', kappa=KAPPA)
     e2 = dict(class_name='edm_aniso.loss.AnisoStage2Loss', kappa=KAPPA)
-    for name, obj in (('energy', None), ('disc', DISC)):
+    for name, obj in OBJECTIVES:
         s1 = KnotSchedule(dtype=torch.float64)
         net = G.OracleNet(dist, subspace=sub, schedule_g=s1, schedule_h=s1)
         loss = AnisoStage1Loss(kappa=KAPPA) if obj is None else EnergyDiscLoss(e1, **obj)
@@ -255,6 +260,68 @@ def checks(rows: dict[str, list[float]], steps: list[int], row: str, iso_row: st
     return '\n'.join(out) + '\n'
 
 
+def section(part: str, c: int, res: int, steps: list[int], train_steps: int, batch: int, starts: int,
+            samples: int) -> tuple[str, str, dict, float]:
+    """One table of the benchmark: an exact Gaussian c x res x res, or the 1x16x16 mixture; (markdown, tag, rows,
+    CPU s). Runs alone (a pool worker may run it): one thread, its own seeds."""
+    torch.set_num_threads(1)
+    t0 = time.process_time()
+    lam, mask = G.power_law_variances(c, res), G.low_block_mask(res)
+    sub = G.MaskedDCTSubspace(mask)
+    s2, s1_row = f'{HEADLINE} s2, schedule grid', f'{HEADLINE} s1, schedule grid'
+    if part == 'gaussian':
+        tag = f'{c}x{res}x{res}'
+        dist = G.DCTGaussian(lam)
+        log(f'{tag}: training')
+        sch = schedules(dist, mask, train_steps, max(8, batch // c), tag)   # 3 channels: a third of the images
+        if c == 1:
+            sch[f'{HEADLINE} s2 (conditioning detached)'] = detached_stage2(dist, mask, sch[f'{HEADLINE} s1'][0],
+                                                                            train_steps, batch, tag)
+        rows = {'EDM Heun': [fd_edm(lam, n) for n in steps]}
+        init = KnotSchedule(dtype=torch.float64)
+        rows['Karras init (untrained), schedule grid'] = [
+            fd_net(G.OracleNet(dist, subspace=sub, schedule_g=init, schedule_h=init), lam, n, 'schedule') for n in steps]
+        for name, (sg, sh) in sch.items():
+            net = G.OracleNet(dist, subspace=sub, schedule_g=sg, schedule_h=sh)
+            for grid in ('karras', 'schedule') if 'detached' not in name else ('schedule',):
+                rows[f'{name}, {grid} grid'] = [fd_net(net, lam, n, grid) for n in steps]
+        log(f'{tag}: headroom ({time.process_time() - t0:.0f} CPU s so far)')
+        for kind, name in (('split', 'best monotone split, Karras grid'), ('iso', 'best isotropic grid'),
+                           ('free', 'best grid and split (both free)')):
+            rows[name] = [headroom(lam, mask, n, kind, starts) for n in steps]
+            log(f'  {tag} {name}: done ({time.process_time() - t0:.0f} CPU s)')
+        text = table(f'{tag} Gaussian: exact FD to the data (Σλ = {float(lam.sum()):.3g})', rows, steps)
+        text += '\n' + checks(rows, steps, s2, s1_row, 'best isotropic grid')
+        text += '\nThe one-step objective (`--disc-span=1`):\n\n' + checks(rows, steps, 'disc s2, schedule grid',
+                                                                        'disc s1, schedule grid', 'best isotropic grid')
+        return text, tag, rows, time.process_time() - t0
+
+    tag = '1x16x16 mixture'
+    log('mixture 1x16x16: training on the mixture')
+    gen = torch.Generator().manual_seed(7)
+    means = torch.randn([8, 1, 16, 16], dtype=torch.float64, generator=gen) * (0.6 * lam).sqrt()
+    mix = G.DCTGaussianMixture(means, 0.4 * lam)
+    z = torch.randn([samples, 1, 16, 16], dtype=torch.float64, generator=gen)
+    import generate
+    ref = generate.edm_sampler(G.OracleNet(mix), z, num_steps=REF_STEPS)
+    sch = schedules(mix, mask, train_steps, batch, 'mixture')
+    rows = {'EDM Heun': [G.frechet_samples(generate.edm_sampler(G.OracleNet(mix), z, num_steps=n), ref)
+                         for n in steps]}
+    for name, (sg, sh) in sch.items():
+        net = G.OracleNet(mix, subspace=sub, schedule_g=sg, schedule_h=sh)
+        for grid in ('karras', 'schedule'):
+            rows[f'{name}, {grid} grid'] = [G.frechet_samples(aniso_heun(net, z, num_steps=n, grid=grid), ref)
+                                            for n in steps]
+    rows['(data vs reference)'] = [G.frechet_samples(mix.sample(samples, gen), ref)] * len(steps)
+    text = table(f'1x16x16 mixture of 8 Gaussians (schedules trained on the mixture): FD of {samples} samples to '
+                 f'a {2 * REF_STEPS - 1}-NFE reference solve', rows, steps) + '\n'
+    nfe = [2 * n - 1 for n in steps]
+    for row in (s2, s1_row, 'disc s2, schedule grid', 'disc s1, schedule grid'):
+        bad = [n for n, v, e in zip(nfe, rows[row], rows['EDM Heun']) if n <= 25 and not v < e]
+        text += f'- `{row}` beats EDM Heun at every NFE 5..25: {"yes" if not bad else "no, not at " + str(bad)}\n'
+    return text, tag, rows, time.process_time() - t0
+
+
 @click.command()
 @click.option('--out', help='PNG of FD against NFE', metavar='PNG', type=str, default='bench/disc_gaussian.png',
               show_default=True)
@@ -268,8 +335,11 @@ def checks(rows: dict[str, list[float]], steps: list[int], row: str, iso_row: st
               default=6, show_default=True)
 @click.option('--samples', help='Samples for the mixture', metavar='INT', type=click.IntRange(min=16), default=1024,
               show_default=True)
+@click.option('--jobs', help='Processes: the three tables run in parallel', metavar='INT', type=click.IntRange(min=1),
+              default=1, show_default=True)
 @click.option('--quick', help='Small run: 1x16x16, N in {3, 5, 10}, few steps', is_flag=True)
-def main(out: str, json_out: str | None, train_steps: int, batch: int, starts: int, samples: int, quick: bool) -> None:
+def main(out: str, json_out: str | None, train_steps: int, batch: int, starts: int, samples: int, jobs: int,
+         quick: bool) -> None:
     """Exact FD of schedules trained with the discretisation-aware objective, against EDM and headroom rows."""
     torch.set_num_threads(1)
     t_start = time.process_time()
@@ -277,60 +347,20 @@ def main(out: str, json_out: str | None, train_steps: int, batch: int, starts: i
     shapes = [(1, 16)] if quick else [(1, 16), (3, 32)]
     if quick:
         train_steps, starts, samples = min(train_steps, 20), min(starts, 2), min(samples, 256)
+    parts = [('gaussian', c, res) for c, res in shapes] + [('mixture', 1, 16)]
+    args = [(part, c, res, steps, train_steps, batch, starts, samples) for part, c, res in parts]
+    if jobs > 1:
+        import multiprocessing
+        with multiprocessing.get_context('spawn').Pool(min(jobs, len(args))) as pool:
+            results = pool.starmap(section, args)
+    else:
+        results = [section(*a) for a in args]
     md, curves = [], {}
-    for c, res in shapes:
-        tag = f'{c}x{res}x{res}'
-        lam, mask = G.power_law_variances(c, res), G.low_block_mask(res)
-        dist = G.DCTGaussian(lam)
-        log(f'{tag}: training')
-        sch = schedules(dist, mask, train_steps, max(8, batch // c), tag)   # 3 channels: a third of the images
-        if c == 1:
-            sch['disc s2 (conditioning detached)'] = detached_stage2(dist, mask, sch['disc s1'][0], train_steps,
-                                                                     batch, tag)
-        rows = {'EDM Heun': [fd_edm(lam, n) for n in steps]}
-        sub = G.MaskedDCTSubspace(mask)
-        init = KnotSchedule(dtype=torch.float64)
-        rows['Karras init (untrained), schedule grid'] = [
-            fd_net(G.OracleNet(dist, subspace=sub, schedule_g=init, schedule_h=init), lam, n, 'schedule') for n in steps]
-        for name, (sg, sh) in sch.items():
-            net = G.OracleNet(dist, subspace=sub, schedule_g=sg, schedule_h=sh)
-            for grid in ('karras', 'schedule') if 'detached' not in name else ('schedule',):
-                rows[f'{name}, {grid} grid'] = [fd_net(net, lam, n, grid) for n in steps]
-        log(f'{tag}: headroom ({time.process_time() - t_start:.0f} CPU s so far)')
-        for kind, name in (('split', 'best monotone split, Karras grid'), ('iso', 'best isotropic grid'),
-                           ('free', 'best grid and split (both free)')):
-            rows[name] = [headroom(lam, mask, n, kind, starts) for n in steps]
-            log(f'  {name}: done ({time.process_time() - t_start:.0f} CPU s)')
-        md.append(table(f'{tag} Gaussian: exact FD to the data (Σλ = {float(lam.sum()):.3g})', rows, steps))
-        md.append(checks(rows, steps, 'disc s2, schedule grid', 'disc s1, schedule grid', 'best isotropic grid'))
+    for text, tag, rows, _ in results:
+        md.append(text)
         curves[tag] = rows
-
-    log('mixture 1x16x16: training on the mixture')
-    lam, mask = G.power_law_variances(1, 16), G.low_block_mask(16)
-    gen = torch.Generator().manual_seed(7)
-    means = torch.randn([8, 1, 16, 16], dtype=torch.float64, generator=gen) * (0.6 * lam).sqrt()
-    mix = G.DCTGaussianMixture(means, 0.4 * lam)
-    z = torch.randn([samples, 1, 16, 16], dtype=torch.float64, generator=gen)
-    import generate
-    ref = generate.edm_sampler(G.OracleNet(mix), z, num_steps=REF_STEPS)
-    sch = schedules(mix, mask, train_steps, batch, 'mixture')
-    rows = {'EDM Heun': [G.frechet_samples(generate.edm_sampler(G.OracleNet(mix), z, num_steps=n), ref)
-                         for n in steps]}
-    sub = G.MaskedDCTSubspace(mask)
-    for name, (sg, sh) in sch.items():
-        net = G.OracleNet(mix, subspace=sub, schedule_g=sg, schedule_h=sh)
-        for grid in ('karras', 'schedule'):
-            rows[f'{name}, {grid} grid'] = [G.frechet_samples(aniso_heun(net, z, num_steps=n, grid=grid), ref)
-                                            for n in steps]
-    rows['(data vs reference)'] = [G.frechet_samples(mix.sample(samples, gen), ref)] * len(steps)
-    md.append(table(f'1x16x16 mixture of 8 Gaussians (schedules trained on the mixture): FD of {samples} samples to '
-                    f'a {2 * REF_STEPS - 1}-NFE reference solve', rows, steps))
+    cpu = sum(r[3] for r in results) + time.process_time() - t_start
     nfe = [2 * n - 1 for n in steps]
-    for row in ('disc s2, schedule grid', 'disc s1, schedule grid'):
-        bad = [n for n, v, e in zip(nfe, rows[row], rows['EDM Heun']) if n <= 25 and not v < e]
-        md.append(f'- `{row}` beats EDM Heun at every NFE 5..25: {"yes" if not bad else "no, not at " + str(bad)}\n')
-    curves['1x16x16 mixture'] = rows
-
     if json_out:
         with open(json_out, 'w') as f:
             json.dump(dict(steps=steps, curves=curves), f, indent=1)
@@ -354,7 +384,8 @@ def main(out: str, json_out: str | None, train_steps: int, batch: int, starts: i
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         fig.savefig(out, dpi=110)
     print('\n'.join(md))
-    print(f'_total {time.process_time() - t_start:.0f} CPU s (one thread)_')
+    print(f'_total {cpu:.0f} CPU s (one thread per section: ' +
+          ', '.join(f'{tag} {r[3]:.0f} s' for tag, r in zip(curves, results)) + ')_')
 
 
 if __name__ == '__main__':

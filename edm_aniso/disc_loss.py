@@ -5,21 +5,24 @@ With ``--grid=schedule`` the sampler takes K uniform steps of schedule time, t_i
 is a learned time grid and a learned (g, h) (stage 2) a learned grid and split. The energy objective (method.md §5) is
 blind to that: it is the same whatever K. The term added here measures what the sampler does with the schedule:
 
-    L_disc = w_d E_{x0, eps, K, j} [ K (K/K1)^p ||Phi_K(x_j) - Phi_ref(x_j)||^2_W ]
+    L_disc = w_d E_{x0, eps, K, j} [ (K/L) (K/K1)^p ||Phi_K(x_j) - Phi_ref(x_j)||^2_W ]
 
-- K uniform on {K1, ..., K2} (``--disc-steps``), j uniform on {0, ..., K-1}: the step t_j = T (1 - j/K) -> t_{j+1} of
-  the K-step schedule grid; x_j = x0 + M(t_j)^1/2 eps, a sample of the path's marginal there (live in theta).
-- Phi_K: one aniso_heun step (method.md §6) with levels a = sqrt(g(t)), b = sqrt(h(t)) at both ends, Euler on the
-  last step (j = K-1, to a = b = 0), as the sampler. Phi_ref: ``substeps`` steps of the same kind over the same
-  interval (a finer solve of the same network), the stand-in for the exact flow map.
-- ||e||^2_W, the error in data units (what the step leaves in the output), ``metric``:
+- K uniform on {K1, ..., K2} (``--disc-steps``); a window of L = min(span, K) consecutive steps (``--disc-span``,
+  default 1; 'all': L = K, the whole solve to t = 0); j uniform on {0, ..., K-L}, its first step, from
+  t_j = T (1 - j/K); x_j = x0 + M(t_j)^1/2 eps, a sample of the path's marginal there (live in theta).
+- Phi_K: the L aniso_heun steps of the window (method.md §6) with levels a = sqrt(g(t)), b = sqrt(h(t)) at both ends
+  of each, Euler on the last step of the grid (to a = b = 0), as the sampler. Phi_ref: ``substeps`` steps of the
+  same kind over each of them (a finer solve of the same network), the stand-in for the exact flow map.
+- ||e||^2_W, the error in data units (what the window leaves in the output), ``metric`` at the window's end level:
   'denoiser' (default): <e, D(Phi_K) - D(Phi_ref)> at the end level ~ e^T J_D e; for Gaussian data whose covariance
   commutes with M this is exactly the squared error carried to the data by the PF-ODE (J_D = Lambda (Lambda + M)^-1);
-  ||e||^2 on the last step (end level 0).
-  'data': ||W_e e||^2, W_e = sigma_data (M(t_{j+1}) + sigma_data^2)^-1/2, the same for data of variance sigma_data^2
+  ||e||^2 where the window ends at level 0.
+  'data': ||W_e e||^2, W_e = sigma_data (M(t_end) + sigma_data^2)^-1/2, the same for data of variance sigma_data^2
   in every direction.
-- K E_j[...] is the expected sum over the K steps of the squared local errors; (K/K1)^p (``k_power``, default 3)
-  balances a range of K (the Heun term falls as K^-5).
+- (K/L) E_j[...]: span 1, the expected sum over the K steps of the squared local errors (it cannot use cancellation
+  between steps); span 'all', the squared error of the K-step sample against the fine solve from the same start
+  (errors of opposite sign in different steps cancel in it, as in the sampler). (K/K1)^p (``k_power``, default 3)
+  balances a range of K: the term falls as K^-5 for span 1 (p = 5 weighs every K alike) and K^-4 for span 'all'.
 
 theta-gradient: autograd through the whole term (start point, levels, step sizes, the network's conditioning where
 the network lets theta reach it: stage-1 AnisoPrecond and the exact oracles; stage-2 AnisoPrecond detaches (g, h) in
@@ -62,6 +65,23 @@ def parse_steps(text: Any) -> tuple[int, int]:
     return lo, hi
 
 
+def parse_span(text: Any) -> int:
+    """``--disc-span``: L >= 1 consecutive sampler steps per error term, or 'all' (the whole K-step solve to t = 0,
+    stored as 0)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    elif str(text).strip().lower() == 'all':
+        return 0
+    else:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise ValueError(f'disc span must be a step count >= 1 or all, got {text!r}') from None
+    if value < 0 or (value == 0 and not isinstance(text, int)):
+        raise ValueError(f'disc span must be a step count >= 1 or all, got {text!r}')
+    return int(value)
+
+
 @contextlib.contextmanager
 def _frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
     """Parameters that require grad are treated as constants inside the block (their requires_grad restored after)."""
@@ -84,7 +104,8 @@ class DiscTerm:
     """The weighted local error of one sampler step along the learned path (module docstring), per sample [B]."""
 
     def __init__(self, weight: float = 1.0, steps: Any = (5, 18), substeps: int = 4, detach_net: bool = True,
-                 sigma_data: Optional[float] = None, k_power: float = 3.0, metric: str = 'denoiser') -> None:
+                 sigma_data: Optional[float] = None, k_power: float = 3.0, metric: str = 'denoiser',
+                 span: Any = 1) -> None:
         if not weight >= 0 or substeps < 2 or not (sigma_data is None or sigma_data > 0):
             raise ValueError(f'DiscTerm needs weight >= 0, substeps >= 2 and sigma_data > 0, got {weight}, '
                              f'{substeps}, {sigma_data}')
@@ -97,14 +118,22 @@ class DiscTerm:
         if metric not in METRICS:
             raise ValueError(f'metric must be one of {METRICS}, got {metric!r}')
         self.metric = metric
+        self.span = parse_span(span)           # L consecutive sampler steps per error (0: all K, to t = 0)
+
+    def window(self, k: torch.Tensor) -> torch.Tensor:
+        """L per sample: min(span, K) steps (K where span is 'all')."""
+        span = getattr(self, 'span', 1)      # a DiscTerm pickled in a snapshot from before --disc-span has none
+        return k if span == 0 else k.clamp(max=span)
 
     def draw(self, batch: int, device: torch.device | str = 'cpu', generator: Optional[torch.Generator] = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, j) per sample: K uniform on {K1..K2}, j uniform on {0..K-1} (long tensors [B])."""
+        """(K, j) per sample: K uniform on {K1..K2}, j uniform on {0..K-L}, the first of the L = min(span, K) steps
+        of the window (long tensors [B]; span 1: j uniform on {0..K-1})."""
         lo, hi = self.steps
         k = torch.randint(lo, hi + 1, [batch], generator=generator, device=device)
-        j = (torch.rand([batch], generator=generator, device=device, dtype=torch.float64) * k).floor().long()
-        return k, j.clamp(max=k - 1)
+        free = k - self.window(k) + 1
+        j = (torch.rand([batch], generator=generator, device=device, dtype=torch.float64) * free).floor().long()
+        return k, j.clamp(max=free - 1)
 
     # -- the step ------------------------------------------------------------------------------------------------------
 
@@ -149,28 +178,38 @@ class DiscTerm:
         return t_s, t_e, last
 
     def step(self, net: Any, x: torch.Tensor, labels: Optional[torch.Tensor], k: torch.Tensor, j: torch.Tensor,
-             substeps: int = 1) -> torch.Tensor:
-        """Step j of the K-step schedule grid from x, in ``substeps`` uniform pieces of schedule time: 1 is the
-        sampler's own step (aniso_heun on --grid=schedule), more give the reference solve."""
+             substeps: int = 1, count: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Steps j .. j+L-1 of the K-step schedule grid from x (L = ``count`` per sample, default 1), each in
+        ``substeps`` uniform pieces of schedule time: 1 is the sampler's own step (aniso_heun on --grid=schedule),
+        more give the reference solve. A sample whose window is shorter than the batch's longest keeps its state
+        (its extra steps are computed on its window's last step and discarded)."""
         apply, flow = self._apply_flow(net, x, labels)
-        t_s, t_e, last = self.step_times(net, k, j, x)
-        lev = self._levels(net, t_s, labels)
-        for i in range(1, substeps + 1):
-            t_i = t_e if i == substeps else t_s + (t_e - t_s) * (i / substeps)
-            nxt = self._levels(net, t_i, labels)
-            x = self._heun(flow, apply, x, lev, nxt, last if i == substeps else torch.zeros_like(last))
-            lev = nxt
+        count = torch.ones_like(k) if count is None else count
+        for i in range(int(count.max())):
+            live = i < count
+            t_s, t_e, last = self.step_times(net, k, j + torch.minimum(count - 1, torch.full_like(count, i)), x)
+            y, lev = x, self._levels(net, t_s, labels)
+            for m in range(1, substeps + 1):
+                t_m = t_e if m == substeps else t_s + (t_e - t_s) * (m / substeps)
+                nxt = self._levels(net, t_m, labels)
+                y = self._heun(flow, apply, y, lev, nxt, last if m == substeps else torch.zeros_like(last))
+                lev = nxt
+            x = y if bool(live.all()) else torch.where(_col(live.to(x.device), x), y, x)
         return x
 
     def compute(self, net: Any, y: torch.Tensor, labels: Optional[torch.Tensor], k: torch.Tensor, j: torch.Tensor,
                 eps: torch.Tensor) -> torch.Tensor:
-        """weight K ||W_e (Phi_K(x_j) - Phi_ref(x_j))||^2 per sample [B] for given draws K, j [B] and noise eps."""
+        """weight (K/L) (K/K1)^p ||Phi_K(x_j) - Phi_ref(x_j)||^2_W per sample [B] for given draws K, j [B] and noise
+        eps, over the window of L = min(span, K) steps from t_j."""
         apply, _ = self._apply_flow(net, y, labels)
-        t_s, t_e, _ = self.step_times(net, k, j, y)
+        count = self.window(k)
+        t_s, _, _ = self.step_times(net, k, j, y)
+        _, t_e, _ = self.step_times(net, k, j + count - 1, y)
         params = list(net.network_parameters()) if (self.detach_net and hasattr(net, 'network_parameters')) else []
         with _frozen(params):
             x = y + apply(eps, *self._levels(net, t_s, labels))      # a sample of the marginal at t_j (live in theta)
-            coarse, fine = self.step(net, x, labels, k, j), self.step(net, x, labels, k, j, self.substeps)
+            coarse = self.step(net, x, labels, k, j, count=count)
+            fine = self.step(net, x, labels, k, j, self.substeps, count=count)
         a_e, b_e = self._levels(net, t_e, labels)
         if self.metric == 'denoiser':
             with _frozen(params):
@@ -181,7 +220,7 @@ class DiscTerm:
             w_b = sd * (b_e.square() + sd * sd).rsqrt()
             sq = apply(coarse - fine, w_a, w_b).square().flatten(1).sum(1)
         kk = k.to(device=y.device, dtype=y.dtype)
-        scale = self.weight * kk * (kk / self.steps[0]) ** self.k_power
+        scale = self.weight * (kk / count.to(device=y.device, dtype=y.dtype)) * (kk / self.steps[0]) ** self.k_power
         return scale * sq
 
     def _denoiser_metric(self, net: Any, coarse: torch.Tensor, fine: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -213,10 +252,10 @@ class EnergyDiscLoss:
 
     def __init__(self, energy: dict, disc_weight: float = 1.0, disc_steps: Any = (5, 18), disc_substeps: int = 4,
                  disc_detach_net: bool = True, sigma_data: Optional[float] = None, disc_k_power: float = 3.0,
-                 disc_metric: str = 'denoiser') -> None:
+                 disc_metric: str = 'denoiser', disc_span: Any = 1) -> None:
         self.energy = dnnlib.util.construct_class_by_name(**energy)
         self.disc = DiscTerm(disc_weight, disc_steps, disc_substeps, disc_detach_net, sigma_data, disc_k_power,
-                             disc_metric)
+                             disc_metric, disc_span)
 
     def begin_step(self, step_index: int) -> None:
         if hasattr(self.energy, 'begin_step'):
@@ -232,4 +271,4 @@ class EnergyDiscLoss:
         return loss + spread(per_sample, loss)
 
 
-__all__ = ['OBJECTIVES', 'DiscTerm', 'EnergyDiscLoss', 'parse_steps']
+__all__ = ['OBJECTIVES', 'DiscTerm', 'EnergyDiscLoss', 'parse_span', 'parse_steps']

@@ -67,6 +67,8 @@ OPTIONS = [
                  type=click.Choice(['denoiser', 'data'])),
     click.Option(['--disc-k-power'], help='Extra weight (K/K1)^p over a --disc-steps range  [default: 3]',
                  metavar='FLOAT', type=click.FloatRange(min=0)),
+    click.Option(['--disc-span'], help='Consecutive sampler steps per error term: L, or all = the whole K-step solve '
+                 'to t = 0 against its fine solve  [default: 1]', metavar='L|all', type=str),
     click.Option(['--disc-detach-net'], help='Network weights get no gradient from the discretisation term  '
                  '[default: True]', metavar='BOOL', type=bool),
     click.Option(['--preset'], help='Hyper-parameter preset (reference: the method\'s published settings)',
@@ -145,13 +147,13 @@ def _pca_bases_path(c: Any, opts: Any, rank: Optional[int]) -> str:
 
 DISC_OPTIONS = [('disc_weight', '--disc-weight'), ('disc_steps', '--disc-steps'), ('disc_substeps', '--disc-substeps'),
                 ('disc_detach_net', '--disc-detach-net'), ('disc_metric', '--disc-metric'),
-                ('disc_k_power', '--disc-k-power')]
+                ('disc_k_power', '--disc-k-power'), ('disc_span', '--disc-span')]
 
 
 def objective_loss_kwargs(energy: Any, opts: Any) -> Any:
     """--objective: the stage's energy loss kwargs as they are (energy), or wrapped in
     edm_aniso.disc_loss.EnergyDiscLoss with the --disc-* options (energy+disc)."""
-    from edm_aniso.disc_loss import parse_steps
+    from edm_aniso.disc_loss import parse_span, parse_steps
     objective = opts.get('objective') or 'energy'
     if objective == 'energy':
         for name, flag in DISC_OPTIONS:
@@ -162,6 +164,10 @@ def objective_loss_kwargs(energy: Any, opts: Any) -> Any:
         steps = parse_steps(opts.get('disc_steps') or '5-18')
     except ValueError as err:
         raise click.ClickException(f'--disc-steps: {err}')
+    try:
+        span = parse_span(opts.get('disc_span') or 1)
+    except ValueError as err:
+        raise click.ClickException(f'--disc-span: {err}')
     weight = opts.get('disc_weight')
     detach = opts.get('disc_detach_net')
     return dnnlib.EasyDict(class_name='edm_aniso.disc_loss.EnergyDiscLoss', energy=dict(energy),
@@ -169,7 +175,8 @@ def objective_loss_kwargs(energy: Any, opts: Any) -> Any:
                            disc_substeps=opts.get('disc_substeps') or 4,
                            disc_detach_net=True if detach is None else bool(detach),
                            disc_metric=opts.get('disc_metric') or 'denoiser',
-                           disc_k_power=3.0 if opts.get('disc_k_power') is None else float(opts.disc_k_power))
+                           disc_k_power=3.0 if opts.get('disc_k_power') is None else float(opts.disc_k_power),
+                           disc_span=span)
 
 
 def configure(c: Any, opts: Any) -> None:

@@ -12,7 +12,7 @@ import torch
 import dnnlib
 from edm_aniso import gaussian as G
 from edm_aniso import plugin
-from edm_aniso.disc_loss import DiscTerm, EnergyDiscLoss, parse_steps
+from edm_aniso.disc_loss import DiscTerm, EnergyDiscLoss, parse_span, parse_steps
 from edm_aniso.loss import AnisoStage1Loss, AnisoStage2Loss
 from edm_aniso.path import edm_sigma_grid, noise_path
 from edm_aniso.sampler import aniso_heun
@@ -58,6 +58,77 @@ def test_steps_chain_to_the_schedule_grid_sampler():
         torch.testing.assert_close(x, aniso_heun(net, z, num_steps=K, grid='schedule'), rtol=1e-13, atol=1e-13)
 
 
+def test_parse_span_and_window_draws():
+    assert parse_span(1) == 1 and parse_span('4') == 4 and parse_span('all') == 0 and parse_span('ALL') == 0
+    for bad in ('0', '-2', 'x', '2.5'):
+        with pytest.raises(ValueError):
+            parse_span(bad)
+    disc = DiscTerm(steps='3-6', span=4)
+    k, j = disc.draw(6000, generator=torch.Generator().manual_seed(0))
+    L = disc.window(k)
+    assert torch.equal(L, k.clamp(max=4)) and bool((j >= 0).all()) and bool((j + L <= k).all())
+    assert set(j[k == 6].tolist()) == {0, 1, 2} and set(j[k == 3].tolist()) == {0}
+    k, j = DiscTerm(steps='3-6', span='all').draw(500, generator=torch.Generator().manual_seed(0))
+    assert bool((j == 0).all())
+    # span 1 draws what the one-step term always drew (same stream)
+    a = DiscTerm(steps='3-9').draw(50, generator=torch.Generator().manual_seed(4))
+    b = DiscTerm(steps='3-9', span=1).draw(50, generator=torch.Generator().manual_seed(4))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_whole_window_is_the_sampler_and_mixed_windows_batch():
+    """span=all from the prior is aniso_heun on --grid=schedule; a batch of samples with different K and windows
+    gives each sample what it gets alone."""
+    net = G.random_knot_oracle(_mixture(), seed=3)
+    z = torch.randn([3, 1, 8, 8], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    disc = DiscTerm(steps='2-7', span='all')
+    for K in (1, 2, 7):
+        lev = noise_path(net, None, z).grid(K, 'schedule')
+        x = net.subspace.apply(z, lev.a[:, 0], lev.b[:, 0])
+        kk = torch.full([3], K)
+        x = disc.step(net, x, None, kk, torch.zeros_like(kk), count=disc.window(kk))
+        torch.testing.assert_close(x, aniso_heun(net, z, num_steps=K, grid='schedule'), rtol=1e-13, atol=1e-13)
+    disc = DiscTerm(steps='2-7', span=3, substeps=3)
+    x0 = _mixture().sample(8, torch.Generator().manual_seed(3))
+    k, j, eps = _draws(disc, 8)
+    assert len(set(disc.window(k).tolist())) > 1
+    with torch.no_grad():
+        together = disc.compute(net, x0, None, k, j, eps)
+        alone = torch.cat([disc.compute(net, x0[i:i + 1], None, k[i:i + 1], j[i:i + 1], eps[i:i + 1])
+                           for i in range(8)])
+    torch.testing.assert_close(together, alone, rtol=1e-12, atol=0)
+    assert bool((together > 0).all())
+
+
+def test_whole_solve_term_is_the_squared_output_error():
+    """span=all on a Gaussian: the term is ||K-step sampler output - fine solve||^2 at t = 0, and with the fine
+    solve this close to exact it matches the closed-form output error of the sampler from the same start."""
+    lam = G.power_law_variances(1, 8)
+    net = G.random_knot_oracle(G.DCTGaussian(lam), seed=4)
+    x0 = G.DCTGaussian(lam).sample(4, torch.Generator().manual_seed(0))
+    eps = torch.randn(x0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    K = 5
+    disc = DiscTerm(steps=K, substeps=32, span='all', k_power=0.0)
+    k = torch.full([4], K)
+    with torch.no_grad():
+        term = disc.compute(net, x0, None, k, torch.zeros_like(k), eps)
+    x = x0 + net.subspace.apply(eps, *disc._levels(net, disc.step_times(net, k, k * 0, x0)[0], None))
+    lev = noise_path(net, None, x).grid(K, 'schedule')
+    mask = G.low_block_mask(8).bool()
+    levels = torch.where(mask[..., None], lev.a[0], lev.b[0])                     # [1, 8, 8, K+1] per coefficient
+    gain = G.heun_factors(lam, levels)
+    exact = ((lam + 0.0) / (lam + levels[..., 0] ** 2)).sqrt()                     # the PF-ODE map to t = 0
+    want = (G.to_dct(x) * (gain - exact)).square().flatten(1).sum(1)
+    torch.testing.assert_close(term, want, rtol=2e-2, atol=0)
+    vals = []
+    for K in (8, 16):                                                              # the whole-solve error ~ K^-4
+        d = DiscTerm(steps=K, substeps=8, span='all', k_power=0.0)
+        kk = torch.full([4], K)
+        with torch.no_grad():
+            vals.append(float(d.compute(net, x0, None, kk, kk * 0, eps).sum()))
+    assert 8 < vals[0] / vals[1] < 32                                               # 2^4 = 16
+
+
 def test_reference_solve_converges_and_term_is_the_heun_local_error():
     """On a Gaussian the reference solve approaches the exact PF-ODE map; the term falls ~K^-5 (local error K^-3,
     squared, summed over K steps) on an interior step of the grid."""
@@ -85,17 +156,22 @@ def test_reference_solve_converges_and_term_is_the_heun_local_error():
     assert 16 < vals[0] / vals[1] < 64                                                # 2^5 = 32
 
 
-@pytest.mark.parametrize('stage, metric', [(1, 'denoiser'), (2, 'denoiser'), (2, 'data')])
-def test_theta_gradient_matches_finite_difference(stage, metric):
+@pytest.mark.parametrize('stage, metric, span', [(1, 'denoiser', 1), (2, 'denoiser', 1), (2, 'data', 1),
+                                                 (2, 'denoiser', 3), (2, 'denoiser', 'all')])
+def test_theta_gradient_matches_finite_difference(stage, metric, span):
     """Autograd through the error term equals a central finite difference of the term (mixture oracle, float64)."""
     net = G.random_knot_oracle(_mixture(), seed=5)
     if stage == 1:
         net.schedule_h = net.schedule_g
-    disc = DiscTerm(weight=0.7, steps='3-7', substeps=3, metric=metric, k_power=2.0)
+    disc = DiscTerm(weight=0.7, steps='3-7', substeps=3, metric=metric, k_power=2.0, span=span)
     x0 = _mixture().sample(6, torch.Generator().manual_seed(3))
     k, j, eps = _draws(disc, 6)
-    j[0] = k[0] - 1                                                                  # one last step for sure
-    assert bool((j == k - 1).any()) and bool((j < k - 1).any())                     # last (Euler) and Heun steps
+    L = disc.window(k)
+    j[0] = k[0] - L[0]                                                               # one window ends at t = 0
+    if span != 'all':
+        j[1] = 0
+        k[1] = 7                                                                     # and one ends inside
+    assert bool((j + L == k).any()) and (span == 'all' or bool((j + L < k).any()))
     theta = net.schedule_parameters()
     value = disc.compute(net, x0, None, k, j, eps).sum()
     grads = torch.autograd.grad(value, theta)
@@ -208,7 +284,7 @@ def test_configure_objective():
     assert kw.class_name == 'edm_aniso.disc_loss.EnergyDiscLoss'
     assert kw.energy == dict(class_name='edm_aniso.loss.AnisoStage2Loss', kappa=0.5, probes=1, estimator_every=1)
     assert kw.disc_weight == 0.3 and kw.disc_steps == [4, 9] and kw.disc_substeps == 4 and kw.disc_detach_net
-    assert kw.disc_metric == 'denoiser' and kw.disc_k_power == 3.0
+    assert kw.disc_metric == 'denoiser' and kw.disc_k_power == 3.0 and kw.disc_span == 1
     loss = dnnlib.util.construct_class_by_name(**kw)
     assert isinstance(loss.energy, AnisoStage2Loss) and loss.energy.kappa == 0.5 and loss.disc.steps == (4, 9)
     c1 = _config(objective='energy+disc', disc_detach_net=False, disc_metric='data', disc_k_power=0.0)
@@ -216,6 +292,9 @@ def test_configure_objective():
     assert c1.loss_kwargs.energy['class_name'] == 'edm_aniso.loss.AnisoStage1Loss'
     assert c1.loss_kwargs.disc_steps == [5, 18] and c1.loss_kwargs.disc_weight == 1.0
     assert not c1.loss_kwargs.disc_detach_net
+    c2 = _config(stage=2, objective='energy+disc', disc_span='all')
+    assert c2.loss_kwargs.disc_span == 0 and dnnlib.util.construct_class_by_name(**c2.loss_kwargs).disc.span == 0
+    assert _config(objective='energy+disc', disc_span='3').loss_kwargs.disc_span == 3
 
 
 @pytest.mark.parametrize('opts, message', [
@@ -224,6 +303,8 @@ def test_configure_objective():
     (dict(disc_metric='data'), '--disc-metric applies only'),
     (dict(objective='energy+disc', disc_steps='9-3'), '--disc-steps'),
     (dict(objective='energy+disc', disc_steps='five'), '--disc-steps'),
+    (dict(disc_span='all'), '--disc-span applies only'),
+    (dict(objective='energy+disc', disc_span='0'), '--disc-span: disc span must be'),
 ])
 def test_configure_objective_errors(opts, message):
     with pytest.raises(click.ClickException, match=message):
