@@ -42,6 +42,7 @@ from edm_aniso.loss import AnisoStage1Loss, AnisoStage2Loss  # noqa: E402
 from edm_aniso.path import edm_sigma_grid                    # noqa: E402
 from edm_aniso.sampler import aniso_heun                     # noqa: E402
 from edm_aniso.schedule import KnotSchedule                  # noqa: E402
+from exact_gaussian import plot_fd_curves, train_with_loss   # noqa: E402  (bench/ is this script's folder)
 
 STEPS = [3, 4, 5, 6, 8, 10, 13, 18]
 KAPPA = 1.0
@@ -162,21 +163,9 @@ def headroom(lam: torch.Tensor, mask: torch.Tensor, n: int, kind: str, starts: i
 
 
 def train(net, dist, loss_fn, params, steps: int, lr: float, batch: int, seed: int) -> tuple[float, float, float]:
-    """Adam on θ with one of the losses (per-sample sums, batch mean); returns (first, last loss means, CPU s)."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(params, lr=lr)
-    hist = []
+    """Adam on θ with one of the losses (exact_gaussian.train_with_loss); returns (first, last loss means, CPU s)."""
     t0 = time.process_time()
-    for _ in range(steps):
-        x0 = dist.sample(batch, gen)
-        loss = loss_fn(net, x0, None).sum() / batch
-        opt.zero_grad()
-        loss.backward()
-        for p in params:
-            p.grad = torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-        opt.step()
-        hist.append(loss.item())
+    hist = train_with_loss(net, dist, loss_fn, params, steps, lr, batch, seed)
     k = max(1, min(20, steps // 5))
     return sum(hist[:k]) / k, sum(hist[-k:]) / k, time.process_time() - t0
 
@@ -201,7 +190,8 @@ def detached_stage2(dist, mask: torch.Tensor, s1: KnotSchedule, steps: int, batc
     return g2, h2
 
 
-def schedules(dist, mask: torch.Tensor, steps: int, batch: int, tag: str) -> dict[str, tuple]:
+def schedules(dist, mask: torch.Tensor, steps: int, batch: int, tag: str, solve_s2_lr: float = 1e-2
+              ) -> dict[str, tuple]:
     """For each objective of OBJECTIVES: s1, then s2 from that s1: (g, h) KnotSchedules."""
     sub = G.MaskedDCTSubspace(mask)
     out = {}
@@ -218,7 +208,8 @@ def schedules(dist, mask: torch.Tensor, steps: int, batch: int, tag: str) -> dic
         h2.load_rows_from(s1)
         net2 = G.OracleNet(dist, subspace=sub, schedule_g=g2, schedule_h=h2)
         loss2 = AnisoStage2Loss(kappa=KAPPA) if obj is None else EnergyDiscLoss(e2, **obj)
-        first, last, cpu = train(net2, dist, loss2, [g2.u, h2.u], steps, 1e-2, batch, seed=2)
+        lr2 = solve_s2_lr if name == 'disc-all' else 1e-2
+        first, last, cpu = train(net2, dist, loss2, [g2.u, h2.u], steps, lr2, batch, seed=2)
         log(f'  {tag} {name} s2: {steps} steps, loss {first:.4g} -> {last:.4g} ({cpu:.0f} CPU s)')
         out[f'{name} s1'] = (s1, s1)
         out[f'{name} s2'] = (g2, h2)
@@ -261,7 +252,7 @@ def checks(rows: dict[str, list[float]], steps: list[int], row: str, iso_row: st
 
 
 def section(part: str, c: int, res: int, steps: list[int], train_steps: int, batch: int, starts: int,
-            samples: int) -> tuple[str, str, dict, float]:
+            samples: int, solve_s2_lr: float = 1e-2) -> tuple[str, str, dict, float]:
     """One table of the benchmark: an exact Gaussian c x res x res, or the 1x16x16 mixture; (markdown, tag, rows,
     CPU s). Runs alone (a pool worker may run it): one thread, its own seeds."""
     torch.set_num_threads(1)
@@ -273,7 +264,7 @@ def section(part: str, c: int, res: int, steps: list[int], train_steps: int, bat
         tag = f'{c}x{res}x{res}'
         dist = G.DCTGaussian(lam)
         log(f'{tag}: training')
-        sch = schedules(dist, mask, train_steps, max(8, batch // c), tag)   # 3 channels: a third of the images
+        sch = schedules(dist, mask, train_steps, max(8, batch // c), tag, solve_s2_lr)   # 3 channels: a third
         if c == 1:
             sch[f'{HEADLINE} s2 (conditioning detached)'] = detached_stage2(dist, mask, sch[f'{HEADLINE} s1'][0],
                                                                             train_steps, batch, tag)
@@ -304,7 +295,7 @@ def section(part: str, c: int, res: int, steps: list[int], train_steps: int, bat
     z = torch.randn([samples, 1, 16, 16], dtype=torch.float64, generator=gen)
     import generate
     ref = generate.edm_sampler(G.OracleNet(mix), z, num_steps=REF_STEPS)
-    sch = schedules(mix, mask, train_steps, batch, 'mixture')
+    sch = schedules(mix, mask, train_steps, batch, 'mixture', solve_s2_lr)
     rows = {'EDM Heun': [G.frechet_samples(generate.edm_sampler(G.OracleNet(mix), z, num_steps=n), ref)
                          for n in steps]}
     for name, (sg, sh) in sch.items():
@@ -337,18 +328,26 @@ def section(part: str, c: int, res: int, steps: list[int], train_steps: int, bat
               show_default=True)
 @click.option('--jobs', help='Processes: the three tables run in parallel', metavar='INT', type=click.IntRange(min=1),
               default=1, show_default=True)
+@click.option('--parts', help='Tables to run (comma-separated)', metavar='LIST', type=str,
+              default='1x16x16,3x32x32,mixture', show_default=True)
+@click.option('--solve-s2-lr', help='θ LR of the disc-all stage 2', metavar='FLOAT', type=click.FloatRange(min=0,
+              min_open=True), default=1e-2, show_default=True)
 @click.option('--quick', help='Small run: 1x16x16, N in {3, 5, 10}, few steps', is_flag=True)
 def main(out: str, json_out: str | None, train_steps: int, batch: int, starts: int, samples: int, jobs: int,
-         quick: bool) -> None:
+         parts: str, solve_s2_lr: float, quick: bool) -> None:
     """Exact FD of schedules trained with the discretisation-aware objective, against EDM and headroom rows."""
     torch.set_num_threads(1)
     t_start = time.process_time()
     steps = [3, 5, 10] if quick else STEPS
-    shapes = [(1, 16)] if quick else [(1, 16), (3, 32)]
+    wanted = [p.strip() for p in parts.split(',') if p.strip()]
+    known = ('1x16x16', '3x32x32', 'mixture')
+    if not wanted or any(p not in known for p in wanted):
+        raise click.BadParameter(f'expected a comma-separated list of {", ".join(known)}', param_hint='--parts')
+    shapes = [(c, r) for c, r in ((1, 16), (3, 32)) if f'{c}x{r}x{r}' in wanted and not (quick and c == 3)]
     if quick:
         train_steps, starts, samples = min(train_steps, 20), min(starts, 2), min(samples, 256)
-    parts = [('gaussian', c, res) for c, res in shapes] + [('mixture', 1, 16)]
-    args = [(part, c, res, steps, train_steps, batch, starts, samples) for part, c, res in parts]
+    todo = [('gaussian', c, res) for c, res in shapes] + ([('mixture', 1, 16)] if 'mixture' in wanted else [])
+    args = [(part, c, res, steps, train_steps, batch, starts, samples, solve_s2_lr) for part, c, res in todo]
     if jobs > 1:
         import multiprocessing
         with multiprocessing.get_context('spawn').Pool(min(jobs, len(args))) as pool:
@@ -365,24 +364,9 @@ def main(out: str, json_out: str | None, train_steps: int, batch: int, starts: i
         with open(json_out, 'w') as f:
             json.dump(dict(steps=steps, curves=curves), f, indent=1)
     if out:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.6))
-        for ax, (tag, rows) in zip(axes if len(curves) > 1 else [axes], curves.items()):
-            for name, vals in rows.items():
-                if 'karras grid' in name and 'energy' in name:
-                    continue
-                style = 'k:' if name.startswith('(') else ('--' if name.startswith('best') else 'o-')
-                ax.loglog(nfe, vals, style, ms=3, label=name)
-            ax.set_title(tag)
-            ax.set_xlabel('NFE')
-            ax.set_ylabel('Fréchet distance')
-            ax.grid(True, which='both', alpha=0.3)
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        fig.savefig(out, dpi=110)
+        plot_fd_curves(curves, nfe, out, keep=lambda name: not ('karras grid' in name and 'energy' in name),
+                       style=lambda name: 'k:' if name.startswith('(') else ('--' if name.startswith('best') else 'o-'),
+                       size=(6, 4.6), legend=6)
     print('\n'.join(md))
     print(f'_total {cpu:.0f} CPU s (one thread per section: ' +
           ', '.join(f'{tag} {r[3]:.0f} s' for tag, r in zip(curves, results)) + ')_')

@@ -23,7 +23,6 @@ is still ≈ Λ); reference = a 255-NFE EDM Heun solve of the same latents; FD b
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -232,6 +231,29 @@ def table(title: str, rows: dict[str, list[float]], steps: list[int]) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def plot_fd_curves(curves: dict, nfe: list[int], out: str, style=None, keep=None, size=(5.5, 4.2),
+                   legend: int = 7) -> None:
+    """PNG of FD against NFE (log-log), one panel per table {tag: {row: values}}; ``style(row)`` gives the line format
+    (default 'o-', dotted black for rows in parentheses), ``keep(row)`` which rows are drawn (default all)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    style = style or (lambda name: 'k:' if name.startswith('(') else 'o-')
+    fig, axes = plt.subplots(1, len(curves), figsize=(size[0] * len(curves), size[1]))
+    for ax, (tag, rows) in zip(axes if len(curves) > 1 else [axes], curves.items()):
+        for name, vals in rows.items():
+            if keep is None or keep(name):
+                ax.loglog(nfe, vals, style(name), ms=3, label=name)
+        ax.set_title(tag)
+        ax.set_xlabel('NFE')
+        ax.set_ylabel('Fréchet distance')
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend(fontsize=legend)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
 @click.command()
 @click.option('--out', help='PNG of FD against NFE', metavar='PNG', type=str, default='bench/exact_gaussian.png',
               show_default=True)
@@ -280,22 +302,7 @@ def main(out: str, train_steps: int, samples: int, quick: bool) -> None:
                     f'reference solve', mix, steps))
     curves['1x16x16 mixture'] = mix
 
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4.2))
-    nfe = [2 * n - 1 for n in steps]
-    for ax, (tag, rows) in zip(axes if len(curves) > 1 else [axes], curves.items()):
-        for name, vals in rows.items():
-            ax.loglog(nfe, vals, 'o-' if not name.startswith('(') else 'k:', ms=3, label=name)
-        ax.set_title(tag)
-        ax.set_xlabel('NFE')
-        ax.set_ylabel('Fréchet distance')
-        ax.grid(True, which='both', alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=110)
+    plot_fd_curves(curves, [2 * n - 1 for n in steps], out)
     print('\n'.join(md))
     print(f'_total time {time.time() - t_start:.0f} s on CPU; plot: {out}_')
 

@@ -1,5 +1,6 @@
-"""Discretisation-aware schedule objective: the trajectory (energy) objective plus the local error of one sampler step
-along the learned path (docs/discretisation-objective.md; train.py ``--objective=energy+disc``).
+"""Discretisation-aware schedule objective: the trajectory (energy) objective plus the error of one sampler step (or of
+a window of them, up to the whole solve) along the learned path (docs/discretisation-objective.md; train.py
+``--objective=energy+disc``).
 
 With ``--grid=schedule`` the sampler takes K uniform steps of schedule time, t_i = T (1 - i/K), so a learned g (stage 1)
 is a learned time grid and a learned (g, h) (stage 2) a learned grid and split. The energy objective (method.md §5) is
@@ -101,7 +102,8 @@ def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @persistence.persistent_class
 class DiscTerm:
-    """The weighted local error of one sampler step along the learned path (module docstring), per sample [B]."""
+    """The weighted error of a window of sampler steps (one by default) along the learned path against its fine solve
+    (module docstring), per sample [B]."""
 
     def __init__(self, weight: float = 1.0, steps: Any = (5, 18), substeps: int = 4, detach_net: bool = True,
                  sigma_data: Optional[float] = None, k_power: float = 3.0, metric: str = 'denoiser',

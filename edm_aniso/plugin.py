@@ -54,7 +54,7 @@ OPTIONS = [
     click.Option(['--hvp'], help='Hessian-vector product of the estimator: fd = finite difference of the VJP, '
                  'autograd = double backward (stage 2)  [default: fd]', type=click.Choice(['fd', 'autograd'])),
     click.Option(['--objective'], help='Schedule objective: energy = the trajectory objective (method.md §5); '
-                 'energy+disc adds the local error of one sampler step on the --grid=schedule grid '
+                 'energy+disc adds the error of sampler steps on the --grid=schedule grid '
                  '(docs/discretisation-objective.md)  [default: energy]', type=click.Choice(['energy', 'energy+disc'])),
     click.Option(['--disc-weight'], help='Weight of the discretisation term (--objective=energy+disc)  [default: 1]',
                  metavar='FLOAT', type=click.FloatRange(min=0)),

@@ -59,6 +59,24 @@ class DeterministicStage2Loss(AnisoStage2Loss):
         return self.compute(net, images, labels, t, eps, aug=None, probe_noise=probe_noise, estimator=True)
 
 
+def assert_updates_agree(one: dict, two: dict, init: dict) -> None:
+    """A two-rank run's state dict equals the one-process run's up to float32 rounding (batch-4 vs batch-8 kernels,
+    summation order of the per-sample terms and of the cross-rank mean, which SGD carries into the weights
+    unamplified), and not vacuously: phi and theta both moved far beyond the tolerance, and the runs' updates agree to
+    1e-4 of the largest update (a skipped or doubled gradient average, or different draws, would be off by O(1))."""
+    moved = {'network': 0.0, 'schedule': 0.0}   # largest |final - init| per group
+    apart = {'network': 0.0, 'schedule': 0.0}   # largest |two ranks - one process| per group
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
+        if one[key].is_floating_point():
+            group = 'schedule' if key.startswith('schedule_') else 'network'
+            moved[group] = max(moved[group], (one[key] - init[key]).abs().max().item())
+            apart[group] = max(apart[group], (two[key] - one[key]).abs().max().item())
+    for group in moved:
+        assert moved[group] > 1e-3, (group, moved[group])
+        assert apart[group] < 1e-4 * moved[group], (group, apart[group], moved[group])
+
+
 def main() -> None:
     """``python aniso_deterministic.py KWARGS.json`` (under torchrun): train, then save this rank's parameters."""
     import aniso_deterministic as me   # the module the loop's class_name imports (this file runs as __main__)

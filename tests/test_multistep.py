@@ -3,7 +3,6 @@ Gaussians, NFE counts, registry entries."""
 
 import contextlib
 import importlib.util
-import math
 import os
 import sys
 import types
