@@ -1,6 +1,7 @@
 """Discretisation-aware schedules on the exact Gaussians and the mixture, against honest headroom rows.
 
-    python bench/disc_gaussian.py [--out=bench/disc_gaussian.png] [--train-steps=400] [--starts=6] [--quick]
+    python bench/disc_gaussian.py [--out=bench/disc_gaussian.png] [--jobs=2] [--parts=1x16x16,3x32x32,mixture]
+                                  [--solve-s2-lr=1e-2] [--train-steps=400] [--starts=6] [--quick]
 
 Data and exact FD as bench/exact_gaussian.py (1x16x16 and 3x32x32 Gaussians diagonal in the DCT basis with a 1/f²
 spectrum, DCT low-block split; 1x16x16 mixture of 8 Gaussians, FD of 1024 samples to a 255-NFE EDM Heun solve).
@@ -13,13 +14,15 @@ NFE 2N − 1 for N in {3, 4, 5, 6, 8, 10, 13, 18}. Rows:
 - disc s1 / s2: ``--objective=energy+disc`` (``edm_aniso.disc_loss.EnergyDiscLoss``, weight 1, K in 3-18, 8 reference
   substeps, denoiser metric, K-power 3), stage 1 from the Karras init, stage 2 from the disc stage-1 schedule;
   same two grids. One schedule per row for every N. The mixture rows are trained on the mixture itself (its θ-estimator Hessian term is non-zero).
+- disc-all s1 / s2: the same with the whole-solve term (``--disc-span=all``, 4 reference substeps per step, K-power
+  4); stage 2 at ``--solve-s2-lr`` (default 1e-2). The done-when checks read ``disc-all s2, schedule grid``.
 - Headroom (Gaussians only; exact FD of aniso_heun minimised per N by L-BFGS on log FD from several starts, the
   Karras levels and random perturbations of them, best kept):
   (a) best monotone split on the Karras grid: a_i b_i = σ_i², r_i = ln(a_i/σ_i), r_0 = 0,
       |r_{i+1} − r_i| ≤ ln(σ_i/σ_{i+1}) (so a_i and b_i both fall: reachable by monotone g, h);
   (b) best isotropic grid: free σ_0 = 80 > σ_1 > ... > σ_{N−1} > 0 (what grid tuning such as AYS can reach);
   (c) best of both free: monotone a_i and b_i, each from 80 down, independently.
-- disc s2 (conditioning detached), 1x16x16 only: stage 2 with the oracle's (g, h) detached in its conditioning, as
+- disc-all s2 (conditioning detached), 1x16x16 only: stage 2 with the oracle's (g, h) detached in its conditioning, as
   stage-2 AnisoPrecond does (so the disc term's θ-gradient lacks ∂f/∂M, as on a real stage-2 network).
 """
 
