@@ -361,7 +361,7 @@ def main(out: str, json_out: str | None, train_steps: int, batch: int, starts: i
     for text, tag, rows, _ in results:
         md.append(text)
         curves[tag] = rows
-    cpu = sum(r[3] for r in results) + time.process_time() - t_start
+    cpu = time.process_time() - t_start + (sum(r[3] for r in results) if jobs > 1 else 0.0)   # workers' own time
     nfe = [2 * n - 1 for n in steps]
     if json_out:
         with open(json_out, 'w') as f:

@@ -213,7 +213,8 @@ def mixture_rows(lam: torch.Tensor, mask: torch.Tensor, schedules: dict, splits:
             net = G.OracleNet(dist, subspace=sub, schedule_g=sg, schedule_h=sh)
             rows[name].append(G.frechet_samples(aniso_heun(net, z, num_steps=n), ref))
         r = splits[n]
-        net = G.OracleNet(dist, G.ratio_levels(lambda s, r=r: r), sub)
+        # r holds one log ratio per level of the N-step grid; the sampler asks for every sample's grid at once.
+        net = G.OracleNet(dist, G.ratio_levels(lambda s, r=r: r.repeat(s.numel() // r.numel())), sub)
         rows['best split (Gaussian)'].append(G.frechet_samples(aniso_heun(net, z, num_steps=n), ref))
     rows['(data vs reference)'] = [G.frechet_samples(dist.sample(n_samples, gen), ref)] * len(steps)
     return rows

@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import timing                                                 # noqa: E402
+from edm_aniso.disc_loss import EnergyDiscLoss                # noqa: E402
 from edm_aniso.loss import AnisoStage1Loss, AnisoStage2Loss   # noqa: E402
 from edm_aniso.precond import AnisoPrecond                    # noqa: E402
 from torch_utils import misc                                  # noqa: E402
@@ -41,12 +42,19 @@ from training import networks                                 # noqa: E402
 from training.loss import EDMLoss                             # noqa: E402
 
 KINDS = ('edm', 'stage1', 'stage2', 'stage2-every4', 'stage2-autograd')
+# Opt-in (--kinds): stage 2 with --objective=energy+disc at its CLI defaults (--disc-substeps=4, --disc-metric=
+# denoiser) and --disc-steps=3-18, span 1, 4 and all (docs/discretisation-objective.md "Cost").
+DISC_KINDS = {'stage2-disc1': 1, 'stage2-disc4': 4, 'stage2-discall': 'all'}
 NETS = {
     'tiny': dict(res=8, kwargs=dict(model_type='SongUNet', model_channels=16, channel_mult=[1, 2], num_blocks=1,
                                     attn_resolutions=[], dropout=0.0)),
     'cifar': dict(res=32, kwargs=dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
                                       decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
                                       model_channels=128, channel_mult=[2, 2, 2], dropout=0.13)),
+    # The README's toy runs (bench/toy_runs.py TOY: --arch=ddpmpp --cbase=16 --cres=1,2 at 16x16).
+    'toy': dict(res=16, kwargs=dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard',
+                                    decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1],
+                                    model_channels=16, channel_mult=[1, 2], dropout=0.13)),
 }
 
 
@@ -76,9 +84,13 @@ def _build(kind: str, net_name: str, batch: int, cbase: int | None, device: torc
         stage = 1 if kind == 'stage1' else 2
         net = AnisoPrecond(res, 3, label_dim=10, stage=stage, subspace='iso' if stage == 1 else 'dct', **kwargs)
         extra_kw = dict(fd_checkpoint=int(kind[len('stage2-ckpt'):])) if kind.startswith('stage2-ckpt') else {}
-        loss_fn = AnisoStage1Loss() if stage == 1 else AnisoStage2Loss(
-            estimator_every=4 if kind == 'stage2-every4' else 1,
-            hvp='autograd' if kind == 'stage2-autograd' else 'fd', **extra_kw)
+        if kind in DISC_KINDS:
+            loss_fn = EnergyDiscLoss(dict(class_name='edm_aniso.loss.AnisoStage2Loss'), disc_steps='3-18',
+                                     disc_substeps=4, disc_span=DISC_KINDS[kind])
+        else:
+            loss_fn = AnisoStage1Loss() if stage == 1 else AnisoStage2Loss(
+                estimator_every=4 if kind == 'stage2-every4' else 1,
+                hvp='autograd' if kind == 'stage2-autograd' else 'fd', **extra_kw)
     net.model.load_state_dict(state)
     del state
     net.train().requires_grad_(True).to(device)
@@ -95,6 +107,8 @@ def _build(kind: str, net_name: str, batch: int, cbase: int | None, device: torc
             if hasattr(loss_fn, 'begin_step'):
                 loss_fn.begin_step(counter[0])
             counter[0] += 1
+            if kind in DISC_KINDS:                 # the disc kinds draw the same K, j in the same round
+                torch.manual_seed(counter[0])
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             loss_fn(net, images, labels).sum().div(images.shape[0]).backward()
@@ -177,9 +191,9 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 
 @click.command()
-@click.option('--nets', help='Comma-separated nets (tiny, cifar)', default='tiny,cifar', show_default=True)
+@click.option('--nets', help='Comma-separated nets (tiny, cifar, toy)', default='tiny,cifar', show_default=True)
 @click.option('--kinds', help=f'Comma-separated losses, the first is the baseline ({", ".join(KINDS)}; '
-              'stage2-ckptN: stage 2 with fd_checkpoint=N)',
+              'stage2-ckptN: stage 2 with fd_checkpoint=N; opt-in: ' + ', '.join(DISC_KINDS) + ')',
               default=','.join(KINDS), show_default=True)
 @click.option('--batch', help='Batch per step', type=click.IntRange(min=1), default=4, show_default=True)
 @click.option('--rounds', help='Timed rounds (after one warm-up round); 0 = memory only', type=click.IntRange(min=0),
@@ -199,8 +213,9 @@ def main(nets: str, kinds: str, batch: int, rounds: int, cbase: int | None, devi
             raise click.ClickException(f'--nets: unknown net {name!r}; expected {", ".join(NETS)}')
     kind_list = tuple(kinds.split(','))
     for kind in kind_list:
-        if kind not in KINDS and not re.fullmatch(r'stage2-ckpt\d+', kind):
-            raise click.ClickException(f'--kinds: unknown loss {kind!r}; expected {", ".join(KINDS)}')
+        if kind not in KINDS and kind not in DISC_KINDS and not re.fullmatch(r'stage2-ckpt\d+', kind):
+            raise click.ClickException(f'--kinds: unknown loss {kind!r}; expected {", ".join(KINDS + tuple(DISC_KINDS))}'
+                                       ' or stage2-ckptN')
     dev = misc.pick_device(device)
     rows = []
     for name in names:
