@@ -10,8 +10,8 @@ EDM path (SigmaView: a = b = sigma) and on a random anisotropic knot schedule ov
 60 % of the pixels known, ``superres`` x2 (the DCT low block 4x4 known).
 
 With the exact denoiser and fixed corrector step sizes every step is affine in its Gaussian draws, so the output law
-is Gaussian and its mean and covariance are computed exactly (edm_aniso.gaussian.affine_sampler_moments, reverse-mode
-Jacobians; no Monte-Carlo error). The exact conditional is gaussian_conditional (Schur complement). The corrector
+is Gaussian and its mean and covariance are computed exactly (edm_aniso.inverse_exact.exact_gap, with
+edm_aniso.gaussian.affine_sampler_moments: reverse-mode Jacobians, no Monte-Carlo error). The exact conditional is gaussian_conditional (Schur complement). The corrector
 runs at the deterministic-equivalent step sizes of the snr rule (conditional_snr_step_sizes, snr = 0.16 unless given).
 Reported, on the unknown component U = I - K:
 
@@ -35,10 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from edm_aniso import gaussian as G                                   # noqa: E402
 from edm_aniso import inverse as inv                                  # noqa: E402
-from edm_aniso.path import noise_path                                # noqa: E402
+from edm_aniso.inverse_exact import exact_gap                        # noqa: E402
 
 RES = 8
-SHAPE = (1, RES, RES)
 LAM = G.power_law_variances(1, RES)
 COV = G.dct_gaussian_covariance(LAM)
 X_TRUE = G.DCTGaussian(LAM).sample(1, torch.Generator().manual_seed(0))
@@ -64,41 +63,10 @@ def networks() -> dict:
 
 def gap(net, obs, steps: int, predictor: str, corrector_steps: int = 0, snr: float = 0.16,
         leak: bool = False) -> dict:
-    """The exact gap of one setting (module docstring). ``leak`` runs the corrector on the full score instead of
-    the conditional score (an ablation: the known component's score then reaches u through the preconditioner)."""
-    y = obs.project(X_TRUE)
-    known = G.projector_matrix(obs.project, SHAPE)
-    mu_ex, cov_ex = G.gaussian_conditional(COV, known, y.reshape(-1))
-    path = noise_path(net, None, y)
-    lev = path.grid(steps)
-    sub = G.projector_matrix(path.project, SHAPE) if path.dims[0] else torch.zeros(RES * RES, RES * RES,
-                                                                                  dtype=torch.float64)
-    eps = {i: G.conditional_snr_step_sizes(COV, torch.zeros_like(known) if leak else known, sub,
-                                           float(lev.a[0, i]), float(lev.b[0, i]), snr) for i in range(steps)}
-    outs = []
-
-    def run(latents, randn_like):
-        out = inv.solve_inverse(net, obs, y.expand(latents.shape[0], *SHAPE), latents, randn_like=randn_like,
-                                num_steps=steps, predictor=predictor, corrector_steps=corrector_steps,
-                                snr=snr if corrector_steps else None, corrector_step_size=eps.get)
-        outs.append(out)
-        return out
-    original = inv.conditional_score
-    if leak:
-        inv.conditional_score = lambda den, path, observation: (
-            lambda x, a, b: path.apply(den(x, a, b) - x, a.square().reciprocal(), b.square().reciprocal()))
+    """The exact gap of one setting (edm_aniso.inverse_exact.exact_gap) and its CPU seconds."""
     t0 = time.process_time()
-    try:
-        mu, cov = G.affine_sampler_moments(run, SHAPE)
-    finally:
-        inv.conditional_score = original
-    unknown = torch.eye(RES * RES, dtype=torch.float64) - known
-    kept = float((obs.project(outs[-1].detach()) - y).abs().max())
-    return dict(mean=float((unknown @ (mu - mu_ex)).norm() / cov_ex.trace().sqrt()),
-                cov=float((unknown @ (cov - cov_ex) @ unknown).norm() / cov_ex.norm()),
-                fd=G.frechet_gaussians(mu, cov, mu_ex, cov_ex) / float(cov_ex.trace()),
-                known_err=kept, cpu=time.process_time() - t0,
-                nfe=inv.network_evaluations(steps, predictor, corrector_steps))
+    r = exact_gap(net, obs, COV, X_TRUE, steps, predictor, corrector_steps, snr, leak)
+    return dict(r, cpu=time.process_time() - t0)
 
 
 def _cell(r: dict) -> str:

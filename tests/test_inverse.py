@@ -13,7 +13,7 @@ import torch
 from edm_aniso import gaussian as G
 from edm_aniso.inverse import (COLOR_BASIS, PREDICTORS, make_observation, network_evaluations, solve_inverse,
                                to_color_basis)
-from edm_aniso.path import noise_path
+from edm_aniso.inverse_exact import exact_gap
 
 RES = 8
 LAM = G.power_law_variances(1, RES)
@@ -30,28 +30,10 @@ ORACLES = {'edm': lambda: G.SigmaView(G.OracleNet(DIST)), 'aniso': lambda: G.ran
 
 def gap(net, obs, steps, predictor, corrector_steps=0, snr=0.16):
     """(mean error / sqrt(tr C), relative Frobenius covariance error) of the output on the unknown part against the
-    exact conditional law given K x = K X_TRUE, from the exact moments of the (affine) sampler; the corrector at the
-    deterministic-equivalent step sizes of the snr rule."""
-    shape = (1, RES, RES)
-    y = obs.project(X_TRUE)
-    known = G.projector_matrix(obs.project, shape)
-    mu_ex, cov_ex = G.gaussian_conditional(COV, known, y.reshape(-1))
-    path = noise_path(net, None, y)
-    lev = path.grid(steps)
-    sub = G.projector_matrix(path.project, shape) if path.dims[0] else torch.zeros(RES * RES, RES * RES,
-                                                                                  dtype=torch.float64)
-    eps = {i: G.conditional_snr_step_sizes(COV, known, sub, float(lev.a[0, i]), float(lev.b[0, i]), snr)
-           for i in range(steps)}
-
-    def run(lat, randn_like):
-        return solve_inverse(net, obs, y.expand(lat.shape[0], *shape), lat, randn_like=randn_like, num_steps=steps,
-                             predictor=predictor, corrector_steps=corrector_steps,
-                             snr=snr if corrector_steps else None, corrector_step_size=eps.get)
-    mu, cov = G.affine_sampler_moments(run, shape)
-    unknown = torch.eye(RES * RES, dtype=torch.float64) - known
-    mean_err = float((unknown @ (mu - mu_ex)).norm() / cov_ex.trace().sqrt())
-    cov_err = float((unknown @ (cov - cov_ex) @ unknown).norm() / cov_ex.norm())
-    return mean_err, cov_err
+    exact conditional law given K x = K X_TRUE (edm_aniso.inverse_exact.exact_gap: exact moments of the affine
+    sampler, the corrector at the deterministic-equivalent step sizes of the snr rule)."""
+    r = exact_gap(net, obs, COV, X_TRUE, steps, predictor, corrector_steps, snr)
+    return r['mean'], r['cov']
 
 
 # ----------------------------------------------------------------------------------------------------------------------
