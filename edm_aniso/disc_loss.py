@@ -189,7 +189,7 @@ class DiscTerm:
         count = torch.ones_like(k) if count is None else count
         for i in range(int(count.max())):
             live = i < count
-            t_s, t_e, last = self.step_times(net, k, j + torch.minimum(count - 1, torch.full_like(count, i)), x)
+            t_s, t_e, last = self.step_times(net, k, j + (count - 1).clamp(max=i), x)
             y, lev = x, self._levels(net, t_s, labels)
             for m in range(1, substeps + 1):
                 t_m = t_e if m == substeps else t_s + (t_e - t_s) * (m / substeps)
